@@ -1,0 +1,263 @@
+"""Dataclass arguments for every recipe, and the one parser: ``--config FILE.yaml`` plus CLI overrides (CLI wins).
+
+Every `transformers.TrainingArguments` flag works under its usual name; lmkit only changes a few defaults
+and adds its own fields, grouped by concern below. YAML keys are exactly the dataclass field names.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from lmkit.errors import LMKitError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"
+DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "tiny.yaml"
+
+
+@dataclass
+class ModelArguments:
+    """What model to train: a checkpoint to start from, or the shape of a new one."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder or hub id to start from. None trains a new lmkit model from scratch."},
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary size of a new model, and the target size when training a tokenizer. "
+            "None: the tokenizer's size rounded up to a multiple of 64."
+        },
+    )
+    hidden_size: int = field(default=128, metadata={"help": "Width of the residual stream (alias: d_model)."})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "SwiGLU hidden width (alias: d_ff). None: ~8/3 x hidden_size, multiple of 64."}
+    )
+    num_hidden_layers: int = field(default=4, metadata={"help": "Number of decoder layers (alias: n_layers)."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Number of query heads (alias: n_heads)."})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Key/value heads for grouped-query attention. None: same as query heads."}
+    )
+    max_position_embeddings: int = field(default=256, metadata={"help": "Longest context the model supports."})
+    rope_theta: float = field(default=10000.0, metadata={"help": "Rotary embedding base."})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon."})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "Share input embedding and LM head weights."})
+    initializer_range: float = field(default=0.02, metadata={"help": "Std of the normal weight init."})
+    attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend: sdpa, eager, flash_attention_2 (transformers' registry)."}
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk of the fused LM-head + cross-entropy; 0 computes full logits."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code shipped with a hub checkpoint to run. Off unless you pass it."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            problems.append(f"--vocab_size must be positive, got {self.vocab_size}")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"--hidden_size {self.hidden_size} is not divisible by --num_attention_heads {self.num_attention_heads}"
+            )
+        kv = self.num_key_value_heads
+        if kv is not None and (kv <= 0 or self.num_attention_heads % kv):
+            problems.append(f"--num_key_value_heads {kv} must divide --num_attention_heads {self.num_attention_heads}")
+        if self.loss_chunk_size < 0:
+            problems.append(f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        if problems:
+            raise LMKitError("; ".join(problems))
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The fields that become `LMConfig` keyword arguments."""
+        skip = {"model_name_or_path", "trust_remote_code", "attn_implementation", "vocab_size"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from, how it is tokenized and cut into training blocks."""
+
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Training files, directories or globs (.txt, .jsonl/.json with a text field, .parquet). "
+            "Default: the bundled Shakespeare corpus (when no --dataset_name)."
+        },
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Held-out files. None: split --validation_split off the training data."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, loaded with `datasets`."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    text_column: str = field(default="text", metadata={"help": "Column (JSONL/parquet field) holding the text."})
+    validation_split: float = field(
+        default=0.05, metadata={"help": "Fraction held out for validation when no --validation_files are given."}
+    )
+    split_mode: str = field(
+        default="random",
+        metadata={"help": "How to hold out validation: 'random' documents, or the 'tail' of the corpus (nanoGPT)."},
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per training example (inputs; targets shift by 1)."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the corpus instead of tokenizing it up front (needs --max_steps)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenized datasets are cached. None: datasets' default cache."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even when a cache exists."})
+    tokenizer: str = field(
+        default="train",
+        metadata={
+            "help": "'train' (byte-level BPE on the training files), 'char' (character level), "
+            "or a path / hub id of an existing tokenizer."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block_size <= 0:
+            problems.append(f"--block_size must be positive, got {self.block_size}")
+        if not 0.0 <= self.validation_split < 1.0:
+            problems.append(f"--validation_split must be in [0, 1), got {self.validation_split}")
+        if self.split_mode not in ("random", "tail"):
+            problems.append(f"--split_mode must be 'random' or 'tail', got {self.split_mode!r}")
+        if self.train_files is not None and not self.train_files:
+            problems.append("--train_files is empty")
+        if problems:
+            raise LMKitError("; ".join(problems))
+
+
+@dataclass
+class LMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with lmkit's defaults (AdamW, cosine, clip 1.0, TensorBoard) and a few lmkit fields."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (weight matrices only)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (<1) of all steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers, or 'none'."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
+    eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N optimizer steps."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluate the loss only (no logits)."})
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["shift_labels"], metadata={"help": "Batch keys holding the targets."}
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Track tokens seen: all, non_padding or no."}
+    )
+    # -- lmkit's own ------------------------------------------------------------------------------------------
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an output dir that already holds a finished model."}
+    )
+    sample_prompt: str | None = field(
+        default="\n", metadata={"help": "Prompt for the short sample printed after training; None skips it."}
+    )
+    sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.gradient_accumulation_steps < 1:
+            problems.append(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            problems.append(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if problems:
+            raise LMKitError("; ".join(problems))
+        if not self.use_cpu and not torch.accelerator.is_available():
+            self.use_cpu = True  # a laptop without an accelerator: bf16 autocast then runs on the CPU
+        try:
+            super().__post_init__()
+        except (ValueError, ImportError) as err:
+            raise LMKitError(f"training arguments: {err}") from err
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose usage errors are one line that names the flag, and exit non-zero."""
+
+    def error(self, message: str) -> None:  # argparse's hook; never returns
+        raise LMKitError(message)
+
+
+def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LMKitError(f"--config {path}: no such file")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise LMKitError(f"--config {path}: not valid YAML ({type(err).__name__})") from err
+    if not isinstance(config, dict):
+        raise LMKitError(f"--config {path}: expected a mapping of field names to values")
+    return config
+
+
+def parse_args(
+    dataclass_types: tuple[type, ...] = (ModelArguments, DataArguments, LMTrainingArguments),
+    argv: list[str] | None = None,
+    default_config: str | Path | None = None,
+) -> tuple[Any, ...]:
+    """Parse ``--config FILE.yaml`` (or ``default_config``) and CLI overrides into the dataclasses.
+
+    Unknown keys and wrong value types raise `LMKitError` naming the key.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = default_config
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise LMKitError("--config needs a YAML file path")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    parser = _Parser(dataclass_types, allow_abbrev=False)
+    known = {action.dest for action in parser._actions}
+    yaml_argv: list[str] = []
+    if config_path is not None:
+        config = load_yaml_config(config_path)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise LMKitError(f"--config {config_path}: unknown config key(s): {', '.join(unknown)}")
+        yaml_argv = _yaml_to_argv(config)
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=yaml_argv + argv, look_for_args_file=False))
+    except ValueError as err:  # a dataclass __post_init__ outside lmkit's control
+        raise LMKitError(str(err)) from err
