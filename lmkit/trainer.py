@@ -1,0 +1,63 @@
+"""LMTrainer: the stock `transformers.Trainer` with lmkit's optimizer groups, token-normalised loss and metrics.
+
+Only a few hooks are overridden; the loop, checkpoints, schedules and distribution stay the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+
+class LMTrainer(Trainer):
+    """Trainer for causal LMs fed by `lmkit.collator.CausalLMCollator`.
+
+    - AdamW (``args.optim``, fused where torch has it) with weight decay on weight matrices only: every parameter
+      with two or more dimensions decays; norms and biases do not.
+    - Gradient accumulation normalises the loss over all target tokens of the accumulated batch (across ranks too),
+      so 4 micro-batches of 4 give the same gradient as one batch of 16, whatever their padding.
+    - Logs perplexity, tokens/s over the last logging interval and tokens seen; eval logs perplexity.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._interval_start: tuple[float, int] | None = None
+
+    # -- optimizer -------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Shape, not name, decides: works for any architecture (peft-wrapped included) without a list of patterns.
+        return [name for name, param in model.named_parameters() if param.ndim >= 2]
+
+    # -- loss normalisation ----------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        # The stock count only looks for a `labels` key; our targets arrive pre-shifted as `shift_labels`.
+        # Hand it views whose `labels` are those targets, so its cross-rank gather and scaling stay in use.
+        if batch_samples and "shift_labels" in batch_samples[0]:
+            batch_samples = [{"labels": b["shift_labels"], "shift_labels": b["shift_labels"]} for b in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._interval_start is None:  # first step of this run (or of a resumed run): start the tokens/s clock
+            self._interval_start = (time.perf_counter(), self.state.num_input_tokens_seen)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key in ("loss", "eval_loss"):
+            if key in logs and math.isfinite(logs[key]):
+                prefix = "eval_" if key.startswith("eval_") else ""
+                logs[f"{prefix}perplexity"] = math.exp(min(logs[key], 50.0))
+        if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
+            now, seen = time.perf_counter(), self.state.num_input_tokens_seen
+            if self._interval_start is not None:
+                t0, seen0 = self._interval_start
+                if now > t0:
+                    logs["tokens_per_second"] = round((seen - seen0) / (now - t0), 1)
+            self._interval_start = (now, seen)
+        super().log(logs, start_time)
+

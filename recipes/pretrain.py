@@ -1,0 +1,124 @@
+"""Pretrain a causal LM from scratch.
+
+    accelerate launch recipes/pretrain.py                                    # tiny preset, bundled Shakespeare
+    accelerate launch recipes/pretrain.py --config recipes/configs/gpt2-small.yaml --train_files 'corpus/*.txt'
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/pretrain.py --config ...
+
+Any field of ModelArguments, DataArguments or TrainingArguments can be set in the YAML or on the command line
+(the command line wins). Output: model, tokenizer, trainer_state.json and TensorBoard logs in --output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from lmkit import LMConfig, LMForCausalLM
+from lmkit.args import DEFAULT_CONFIG, DataArguments, LMTrainingArguments, ModelArguments, parse_args
+from lmkit.collator import CausalLMCollator
+from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.errors import LMKitError, main_entry
+from lmkit.runtime import (
+    check_output_dir,
+    log_startup,
+    num_parameters,
+    resolve_resume_checkpoint,
+    setup_logging,
+)
+from lmkit.tokenizer import build_tokenizer
+from lmkit.trainer import LMTrainer
+
+logger = logging.getLogger("lmkit.pretrain")
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    # -- setup ------------------------------------------------------------------------------------------------
+    model_args: ModelArguments
+    data_args: DataArguments
+    args: LMTrainingArguments
+    model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
+    setup_logging(args)
+    log_startup(args, model_args, data_args)
+    if data_args.block_size > model_args.max_position_embeddings:
+        raise LMKitError(
+            f"--block_size {data_args.block_size} exceeds the model's "
+            f"--max_position_embeddings {model_args.max_position_embeddings}"
+        )
+    check_output_dir(args)
+    resume_from = resolve_resume_checkpoint(args)
+
+    # -- data and tokenizer -----------------------------------------------------------------------------------
+    with args.main_process_first(desc="load corpus"):
+        raw = load_raw_datasets(data_args, seed=args.seed)
+    with args.main_process_first(desc="tokenizer"):
+        texts = (row["text"] for row in raw["train"])
+        tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
+    vocab_size = model_args.vocab_size or 64 * math.ceil(len(tokenizer) / 64)
+    if len(tokenizer) > vocab_size:
+        raise LMKitError(
+            f"--tokenizer {data_args.tokenizer} has {len(tokenizer)} tokens, more than the model's "
+            f"--vocab_size {vocab_size}"
+        )
+    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+
+    # -- model ------------------------------------------------------------------------------------------------
+    config = LMConfig(
+        **model_args.config_kwargs(),
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = model_args.attn_implementation
+    model = LMForCausalLM(config)
+    tokens_per_step = (
+        args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size
+    )
+    logger.info(
+        "model: %s parameters (%s without embeddings); %s tokens per optimizer step; %d train / %d eval blocks",
+        f"{num_parameters(model):,}",
+        f"{num_parameters(model, exclude_embeddings=True):,}",
+        f"{tokens_per_step:,}",
+        len(datasets["train"]) if hasattr(datasets["train"], "__len__") else -1,
+        len(datasets["validation"]),
+    )
+
+    # -- train ------------------------------------------------------------------------------------------------
+    trainer = LMTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # -- save and evaluate ------------------------------------------------------------------------------------
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+
+    if args.sample_prompt and trainer.is_world_process_zero():
+        print_sample(args.output_dir, tokenizer, args.sample_prompt, args.sample_max_new_tokens)
+    return metrics
+
+
+def print_sample(model_dir: str, tokenizer, prompt: str, max_new_tokens: int) -> None:
+    # Reload what was saved: a consolidated model even after ZeRO-3 / FSDP, and a check that the save loads.
+    model = LMForCausalLM.from_pretrained(model_dir).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, temperature=0.8)
+    print("\n----- sample -----\n" + tokenizer.decode(out[0], skip_special_tokens=True) + "\n------------------")
+
+
+if __name__ == "__main__":
+    main()
