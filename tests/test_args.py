@@ -1,0 +1,64 @@
+"""One parser: YAML config plus CLI overrides; unknown keys and bad values are one-line errors naming the field."""
+
+import pytest
+
+from lmkit.args import parse_args
+from lmkit.errors import LMKitError
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("hidden_size: 96\nnum_attention_heads: 3\nlearning_rate: 1.0e-3\nmax_steps: 7\nbf16: false\n")
+    return path
+
+
+def test_yaml_values_reach_every_group(config, tmp_path):
+    model_args, data_args, args = parse_args(argv=["--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert (model_args.hidden_size, model_args.num_attention_heads) == (96, 3)
+    assert args.learning_rate == 1e-3 and args.max_steps == 7 and args.bf16 is False
+    assert data_args.block_size == 256  # untouched default
+
+
+def test_cli_overrides_yaml(config, tmp_path):
+    _, _, args = parse_args(
+        argv=["--config", str(config), "--learning_rate", "5e-4", "--bf16", "true", "--output_dir", str(tmp_path)]
+    )
+    assert args.learning_rate == 5e-4 and args.bf16 is True and args.max_steps == 7
+
+
+def test_lmkit_training_defaults(tmp_path):
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path)])
+    assert args.learning_rate == 3e-4
+    assert (args.adam_beta1, args.adam_beta2) == (0.9, 0.999)
+    assert args.weight_decay == 0.01 and args.max_grad_norm == 1.0
+    assert args.lr_scheduler_type == "cosine" and args.label_names == ["shift_labels"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, argv, message",
+    [
+        ("hidden_sise: 64\n", [], "unknown config key(s): hidden_sise"),
+        ("learning_rate: fast\n", [], "argument --learning_rate"),
+        ("", ["--max_steps", "many"], "argument --max_steps"),
+        ("", ["--no_such_flag", "1"], "--no_such_flag"),
+        ("", ["--learning_rate", "-1"], "--learning_rate must be positive"),
+        ("", ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+        ("", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+        ("", ["--hidden_size", "100", "--num_attention_heads", "3"], "--hidden_size 100 is not divisible"),
+        ("", ["--block_size", "0"], "--block_size must be positive"),
+        ("- a\n- b\n", [], "expected a mapping"),
+        ("a: [\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, yaml_text, argv, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(LMKitError) as err:
+        parse_args(argv=["--config", str(path), "--output_dir", str(tmp_path / "o"), *argv])
+    assert message in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(LMKitError, match="--config .*nope.yaml: no such file"):
+        parse_args(argv=["--config", str(tmp_path / "nope.yaml")])
