@@ -113,7 +113,18 @@ class DataArguments:
         default="random",
         metadata={"help": "How to hold out validation: 'random' documents, or the 'tail' of the corpus (nanoGPT)."},
     )
+    sample_by: str = field(
+        default="paragraph",
+        metadata={
+            "help": "How .txt files split into documents: 'line', 'paragraph' (blank-line separated) "
+            "or 'document' (one per file). An EOS token separates documents."
+        },
+    )
     block_size: int = field(default=256, metadata={"help": "Tokens per training example (inputs; targets shift by 1)."})
+    max_eval_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the first N validation blocks. None: all of them (1024 with --streaming)."},
+    )
     streaming: bool = field(
         default=False, metadata={"help": "Stream the corpus instead of tokenizing it up front (needs --max_steps)."}
     )
@@ -138,6 +149,10 @@ class DataArguments:
             problems.append(f"--validation_split must be in [0, 1), got {self.validation_split}")
         if self.split_mode not in ("random", "tail"):
             problems.append(f"--split_mode must be 'random' or 'tail', got {self.split_mode!r}")
+        if self.sample_by not in ("line", "paragraph", "document"):
+            problems.append(f"--sample_by must be 'line', 'paragraph' or 'document', got {self.sample_by!r}")
+        if self.max_eval_blocks is not None and self.max_eval_blocks <= 0:
+            problems.append(f"--max_eval_blocks must be positive, got {self.max_eval_blocks}")
         if self.train_files is not None and not self.train_files:
             problems.append("--train_files is empty")
         if problems:

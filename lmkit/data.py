@@ -1,0 +1,498 @@
+"""Text sources -> documents -> tokens -> packed blocks, on the `datasets` library.
+
+``load_raw_datasets`` gives "train" and "validation" splits with one column, "text" (one document per row).
+``build_lm_datasets`` tokenizes them, appends EOS to every document, concatenates everything and cuts it into
+rows of exactly ``block_size + 1`` tokens (the collator shifts them into inputs and targets); only the tail that
+does not fill a last block is dropped. Both the in-memory and the streaming path produce the same blocks.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import datasets
+import datasets.distributed
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
+from transformers import PreTrainedTokenizerBase
+
+from lmkit.args import BUNDLED_CORPUS, DataArguments
+from lmkit.errors import LMKitError
+
+logger = logging.getLogger(__name__)
+
+# Extension -> `datasets` packaged builder. ".json" is read as JSON lines (a top-level JSON array also works).
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+STREAMING_EVAL_BLOCKS = 1024
+_TOKENIZE_BATCH = 1000  # documents per tokenizer call
+_PACK_BATCH = 10_000  # documents per packing batch: bounds memory, never changes the blocks
+_CACHE_VERSION = "lmkit-data-1"  # bump when tokenize/pack output changes, to invalidate old caches
+_TOKENS = Features({"input_ids": List(Value("int32"))})
+
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_data_files(patterns: list[str], field: str) -> list[Path]:
+    """Expand files, directories (recursively, supported extensions only) and globs into a sorted file list.
+
+    ``field`` is the flag the patterns came from (e.g. ``"--train_files"``); every `LMKitError` names it and the
+    offending path: a missing path, a glob or directory that matches nothing, an empty file, an unsupported
+    extension, or files of more than one format.
+    """
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(str(path), recursive=True))
+            if not matches:
+                raise LMKitError(f"{field} {pattern}: the glob matches no files")
+            for match in matches:
+                files.extend(_files_in_dir(Path(match), field) if Path(match).is_dir() else [Path(match)])
+        elif path.is_dir():
+            files.extend(_files_in_dir(path, field))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise LMKitError(f"{field} {pattern}: no such file or directory")
+    resolved = list(dict.fromkeys(f.resolve() for f in files))
+    for file in resolved:
+        if file.suffix.lower() not in FORMATS:
+            raise LMKitError(f"{field} {file}: unsupported file type (use {', '.join(FORMATS)})")
+        if file.stat().st_size == 0:
+            raise LMKitError(f"{field} {file}: the file is empty")
+    by_format: dict[str, Path] = {}
+    for file in resolved:
+        by_format.setdefault(FORMATS[file.suffix.lower()], file)
+    if len(by_format) > 1:
+        examples = ", ".join(f"{fmt} ({file})" for fmt, file in by_format.items())
+        raise LMKitError(f"{field}: files of different formats cannot be mixed: {examples}")
+    return resolved
+
+
+def _files_in_dir(directory: Path, field: str) -> list[Path]:
+    found = sorted(
+        f
+        for f in directory.rglob("*")
+        if f.is_file() and f.suffix.lower() in FORMATS and not any(p.startswith(".") for p in f.parts)
+    )
+    if not found:
+        raise LMKitError(f"{field} {directory}: the directory holds no {', '.join(FORMATS)} files")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw documents
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_datasets(
+    data_args: DataArguments, seed: int, main_process_first: ContextFactory = contextlib.nullcontext
+) -> DatasetDict | IterableDatasetDict:
+    """Load the corpus as splits "train" and "validation", each with a single "text" column (one document a row).
+
+    Sources, in order: ``--dataset_name`` (hub or a local dataset folder), else ``--train_files`` (default: the
+    bundled Shakespeare corpus). Without ``--validation_files`` (or a hub "validation" split), ``--validation_split``
+    of the documents is held out: ``random`` picks them with ``seed``, ``tail`` takes the last ones in corpus order.
+    With ``--streaming`` the splits are `IterableDataset`s and ``random`` holds out each document with probability
+    ``--validation_split`` by a seeded hash of its text (so every rank and every epoch agrees without a count).
+    """
+    with main_process_first():
+        if data_args.dataset_name is not None:
+            raw = _load_hub(data_args)
+        else:
+            train_files = resolve_data_files(data_args.train_files or [str(BUNDLED_CORPUS)], "--train_files")
+            raw = {"train": _load_files(train_files, "--train_files", data_args)}
+        if data_args.validation_files is not None:
+            val_files = resolve_data_files(data_args.validation_files, "--validation_files")
+            raw["validation"] = _load_files(val_files, "--validation_files", data_args)
+        if "validation" not in raw:
+            raw["train"], raw["validation"] = _hold_out(raw["train"], data_args, seed)
+    if data_args.streaming:
+        return IterableDatasetDict(train=raw["train"], validation=raw["validation"])
+    logger.info("Documents: %d train, %d validation", len(raw["train"]), len(raw["validation"]))
+    return DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+def _load_files(files: list[Path], field: str, data_args: DataArguments) -> Dataset | IterableDataset:
+    builder = FORMATS[files[0].suffix.lower()]
+    column = "text" if builder == "text" else data_args.text_column
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        kwargs["sample_by"] = data_args.sample_by
+    elif builder == "parquet":
+        kwargs["columns"] = [column]
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files={"train": [str(f) for f in files]},
+            split="train",
+            cache_dir=data_args.cache_dir,
+            streaming=data_args.streaming,
+            **kwargs,
+        )
+    except Exception as err:  # datasets wraps decode/parse errors without the file name; find the culprit
+        problem = _diagnose(files, builder, column, field)
+        if problem is None:
+            raise
+        raise LMKitError(problem) from err
+    if not data_args.streaming:  # (a stream is checked row by row while it is tokenized)
+        table = ds.data
+        bad = column not in ds.column_names or not pa.types.is_string(table.schema.field(column).type)
+        if bad or table.column(column).null_count:
+            problem = _diagnose(files, builder, column, field)
+            raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see --text_column)")
+    ds = _text_column(ds, column, field)
+    if not data_args.streaming and len(ds) == 0:
+        raise LMKitError(f"{field}: no documents in {', '.join(map(str, files))}")
+    return ds
+
+
+def _text_column(ds: Dataset | IterableDataset, column: str, field: str) -> Dataset | IterableDataset:
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise LMKitError(f"--text_column {column!r}: not a column of {field} (columns: {', '.join(names)})")
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _diagnose(files: list[Path], builder: str, column: str, field: str) -> str | None:
+    """The first user-fixable problem in ``files`` as a one-line message, or None. Only run after a failure."""
+    for file in files:
+        if builder in ("text", "json") and (offset := _utf8_error_offset(file)) is not None:
+            return f"{field} {file}: not UTF-8 text (invalid byte at offset {offset})"
+        if builder == "json":
+            problem = _json_problem(file, column)
+            if problem:
+                return f"{field} {file}:{problem} (see --text_column)"
+        if builder == "parquet":
+            try:
+                names = pq.read_schema(file).names
+            except (OSError, pa.ArrowException) as err:
+                return f"{field} {file}: not a readable parquet file ({err})"
+            if column not in names:
+                return f"{field} {file}: no column {column!r} (columns: {', '.join(names)}; see --text_column)"
+    return None
+
+
+def _utf8_error_offset(file: Path, chunk_size: int = 1 << 20) -> int | None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    position = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(chunk_size):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:  # err.object = bytes held over from the last chunk + this chunk
+                return position + err.start - (len(err.object) - len(chunk))
+            position += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return position
+    return None
+
+
+def _json_problem(file: Path, column: str) -> str | None:
+    """``"LINE: what is wrong"`` for the first bad JSON line (or ``"item N: ..."`` in a JSON array file)."""
+    with open(file, encoding="utf-8") as f:
+        if f.read(1024).lstrip().startswith("["):
+            f.seek(0)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as err:
+                return f"{err.lineno}: not valid JSON ({err.msg})"
+            for i, row in enumerate(rows):
+                if (problem := _row_problem(row, column)) is not None:
+                    return f" item {i}: {problem}"
+            return None
+        f.seek(0)
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{lineno}: not valid JSON ({err.msg})"
+            if (problem := _row_problem(row, column)) is not None:
+                return f"{lineno}: {problem}"
+    return None
+
+
+def _row_problem(row: Any, column: str) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object with a {column!r} field, got {type(row).__name__}"
+    if column not in row:
+        return f"no {column!r} field"
+    if not isinstance(row[column], str):
+        return f"{column!r} is {type(row[column]).__name__}, not a string"
+    return None
+
+
+def _load_hub(data_args: DataArguments) -> dict[str, Dataset | IterableDataset]:
+    name = data_args.dataset_name
+    try:
+        loaded = datasets.load_dataset(
+            name, data_args.dataset_config_name, cache_dir=data_args.cache_dir, streaming=data_args.streaming
+        )
+    except (FileNotFoundError, ConnectionError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        raise LMKitError(f"--dataset_name {name}: could not load ({type(err).__name__}: {err})") from err
+    if "train" not in loaded:
+        raise LMKitError(f"--dataset_name {name}: no 'train' split (splits: {', '.join(loaded)})")
+    raw = {"train": _text_column(loaded["train"], data_args.text_column, "--dataset_name")}
+    if "validation" in loaded and data_args.validation_files is None:
+        raw["validation"] = _text_column(loaded["validation"], data_args.text_column, "--dataset_name")
+    return raw
+
+
+def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: int) -> tuple[Any, Any]:
+    fraction = data_args.validation_split
+    if isinstance(train, IterableDataset):
+        if data_args.split_mode == "tail":
+            raise LMKitError(
+                "--split_mode tail needs the corpus length, which a stream does not have: "
+                "use --split_mode random or pass --validation_files"
+            )
+        keep = train.filter(_held_out, batched=True, input_columns="text", fn_kwargs={"seed": seed, "frac": fraction})
+        held = train.filter(
+            _held_out, batched=True, input_columns="text", fn_kwargs={"seed": seed, "frac": fraction, "invert": True}
+        )
+        return keep, held
+    n = len(train)
+    n_val = max(1, round(n * fraction)) if fraction > 0 else 0
+    if n_val and n_val >= n:
+        raise LMKitError(
+            f"--validation_split {fraction}: the training data has only {n} document(s), too few to hold out "
+            "validation documents (pass --validation_files, or --sample_by paragraph/line)"
+        )
+    if data_args.split_mode == "tail":
+        return train.select(range(n - n_val)), train.select(range(n - n_val, n))
+    order = np.random.default_rng(seed).permutation(n)
+    # Both sides stay in corpus order, so neighbouring paragraphs stay neighbours inside a block.
+    return train.select(np.sort(order[n_val:])), train.select(np.sort(order[:n_val]))
+
+
+def _held_out(texts: list[str], seed: int, frac: float, invert: bool = False) -> list[bool]:
+    """For a stream: keep (train) or pick (validation, ``invert``) documents by a seeded hash of their text."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    threshold = int(frac * 2**64)
+    picked = [
+        int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8, salt=salt).digest(), "little") < threshold
+        for t in texts
+    ]
+    return picked if invert else [not p for p in picked]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenize and pack
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_lm_datasets(
+    raw: DatasetDict | IterableDatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: DataArguments,
+    main_process_first: ContextFactory = contextlib.nullcontext,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict[str, Dataset | IterableDataset]:
+    """Tokenize and pack ``raw`` into rows ``{"input_ids": list[int]}`` of exactly ``block_size + 1`` tokens.
+
+    Documents are joined with the tokenizer's EOS after each one; the remainder that does not fill a last block
+    is dropped. In memory, both steps are cached on disk next to the raw data, keyed by the input fingerprint, a
+    hash of the tokenizer's JSON and ``block_size``: a second run with the same inputs loads the cache without
+    tokenizing. ``main_process_first`` (e.g. ``training_args.main_process_first``) is entered around that work so
+    rank 0 builds the cache and other ranks load it.
+
+    With ``--streaming`` the train split is an `IterableDataset` packed on the fly, sharded across ranks with
+    `datasets.distributed.split_dataset_by_node` (``rank``/``world_size`` default to env ``RANK``/``WORLD_SIZE``);
+    validation becomes a finite `Dataset` of its first ``--max_eval_blocks`` (default 1024) blocks, the same on
+    every rank.
+    """
+    if tokenizer.eos_token_id is None:
+        raise LMKitError("--tokenizer: the tokenizer has no EOS token to separate documents")
+    block_len = data_args.block_size + 1
+    if isinstance(raw["train"], IterableDataset):
+        return _build_streaming(raw, tokenizer, data_args, block_len, rank, world_size)
+    token_hash = _tokenizer_hash(tokenizer)
+    out = {}
+    for split in ("train", "validation"):
+        with main_process_first():
+            out[split] = _tokenize_and_pack(raw[split], tokenizer, token_hash, block_len, data_args, split)
+    n_raw_val = len(raw["validation"])
+    if len(out["validation"]) == 0 and n_raw_val:
+        raise LMKitError(
+            f"the validation data ({n_raw_val} documents) is shorter than --block_size + 1 = {block_len} tokens: "
+            "lower --block_size, or raise --validation_split / pass longer --validation_files"
+        )
+    if len(out["train"]) == 0:
+        raise LMKitError(f"the training data is shorter than --block_size + 1 = {block_len} tokens")
+    if data_args.max_eval_blocks is not None and len(out["validation"]) > data_args.max_eval_blocks:
+        out["validation"] = out["validation"].select(range(data_args.max_eval_blocks))
+    logger.info("Blocks of %d tokens: %d train, %d validation", block_len, len(out["train"]), len(out["validation"]))
+    return out
+
+
+def _tokenize_and_pack(
+    ds: Dataset, tokenizer: Any, token_hash: str, block_len: int, data_args: DataArguments, split: str
+) -> Dataset:
+    num_proc = data_args.preprocessing_num_workers
+    if num_proc is not None and num_proc > 1:
+        num_proc = min(num_proc, max(1, len(ds) // _TOKENIZE_BATCH))  # datasets refuses more shards than rows
+    reuse = not data_args.overwrite_cache
+    tokenized = ds.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=_TOKENIZE_BATCH,
+        input_columns="text",
+        remove_columns=ds.column_names,
+        features=_TOKENS,
+        fn_kwargs={"tokenizer": tokenizer},
+        num_proc=num_proc,
+        load_from_cache_file=reuse,
+        new_fingerprint=_fingerprint(ds._fingerprint, token_hash, "tokenize"),
+        desc=f"Tokenizing {split}",
+    )
+    lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    # Packing reads straight from the tokenized Arrow table, so each batch emits every block that *starts* in its
+    # documents, spilling into the next documents: the blocks are those of one global concatenation.
+    return (
+        tokenized.with_format("arrow")
+        .map(
+            _pack_batch,
+            batched=True,
+            batch_size=_PACK_BATCH,
+            with_indices=True,
+            remove_columns=["input_ids"],
+            features=_TOKENS,
+            fn_kwargs={"tokens": tokenized.data, "starts": starts, "block_len": block_len},
+            num_proc=num_proc,
+            load_from_cache_file=reuse,
+            new_fingerprint=_fingerprint(tokenized._fingerprint, str(block_len), "pack"),
+            desc=f"Packing {split} into blocks of {block_len}",
+        )
+        .with_format(None)
+    )
+
+
+def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> dict[str, list[list[int]]]:
+    if any(t is None for t in texts):
+        raise LMKitError("a document has no text (a null or missing text field; see --text_column)")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust batch encoder without offsets: several times faster than __call__
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    return {"input_ids": [doc + eos for doc in ids]}
+
+
+def _pack_batch(batch: pa.Table, indices: list[int], tokens: Any, starts: np.ndarray, block_len: int) -> pa.Table:
+    first, end = indices[0], indices[-1] + 1
+    n_blocks = int(starts[-1]) // block_len
+    b0 = -(-int(starts[first]) // block_len)  # the first block starting at or after this batch's first token
+    b1 = min(-(-int(starts[end]) // block_len), n_blocks)
+    if b1 <= b0:
+        return _blocks_table(np.empty((0, block_len), dtype=np.int32))
+    lo, hi = b0 * block_len, b1 * block_len
+    d0 = int(np.searchsorted(starts, lo, side="right")) - 1  # documents [d0, d1) hold tokens [lo, hi)
+    d1 = int(np.searchsorted(starts, hi, side="left"))
+    flat = pc.list_flatten(tokens.column("input_ids").slice(d0, d1 - d0)).to_numpy()
+    offset = lo - int(starts[d0])
+    return _blocks_table(flat[offset : offset + hi - lo].reshape(-1, block_len))
+
+
+def _blocks_table(blocks: np.ndarray) -> pa.Table:
+    n, block_len = blocks.shape
+    offsets = np.arange(0, (n + 1) * block_len, block_len, dtype=np.int32)
+    values = pa.array(blocks.reshape(-1).astype(np.int32, copy=False))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), values)})
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)  # runtime settings a call can flip; they never change our ids
+        state.pop("padding", None)
+        payload = json.dumps(state, sort_keys=True)
+    else:
+        payload = datasets.fingerprint.Hasher.hash(tokenizer)
+    return _fingerprint(payload, f"eos={tokenizer.eos_token_id}")
+
+
+def _fingerprint(*parts: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (_CACHE_VERSION, *parts):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _build_streaming(
+    raw: IterableDatasetDict,
+    tokenizer: Any,
+    data_args: DataArguments,
+    block_len: int,
+    rank: int | None,
+    world_size: int | None,
+) -> dict[str, Dataset | IterableDataset]:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    # Shard documents, not blocks, so each rank tokenizes only its own share.
+    train_docs = datasets.distributed.split_dataset_by_node(raw["train"], rank=rank, world_size=world_size)
+    train = IterableDataset.from_generator(
+        iter_blocks, features=_TOKENS, gen_kwargs={"docs": train_docs, "tokenizer": tokenizer, "block_len": block_len}
+    )
+    n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
+    val_blocks = [b["input_ids"] for b in islice(iter_blocks(raw["validation"], tokenizer, block_len), n_eval)]
+    if not val_blocks:
+        raise LMKitError(
+            f"the validation data is shorter than --block_size + 1 = {block_len} tokens: "
+            "lower --block_size, or raise --validation_split / pass longer --validation_files"
+        )
+    validation = Dataset.from_dict({"input_ids": val_blocks}, features=_TOKENS)
+    logger.info(
+        "Streaming blocks of %d tokens (rank %d of %d); %d validation blocks",
+        block_len,
+        rank,
+        world_size,
+        len(validation),
+    )
+    return {"train": train, "validation": validation}
+
+
+def iter_blocks(docs: IterableDataset, tokenizer: Any, block_len: int) -> Iterator[dict[str, list[int]]]:
+    """Tokenize a document stream and yield packed blocks, carrying the remainder from batch to batch."""
+    carry = np.empty(0, dtype=np.int32)
+    for batch in docs.iter(batch_size=_TOKENIZE_BATCH):
+        ids = _tokenize_batch(batch["text"], tokenizer)["input_ids"]
+        flat = np.concatenate([carry, np.fromiter(chain.from_iterable(ids), dtype=np.int32)])
+        n = len(flat) // block_len
+        for block in flat[: n * block_len].reshape(n, block_len).tolist():
+            yield {"input_ids": block}
+        carry = flat[n * block_len :]
