@@ -1,0 +1,441 @@
+"""The lmkit model: parity with transformers' Llama, the fused chunked loss, save/load, generate, init, config."""
+
+import ast
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
+from lmkit.modeling import LMConfig, LMForCausalLM
+
+VOCAB = 97
+MODELING_DIR = Path(__file__).resolve().parent.parent / "lmkit" / "modeling"
+
+
+def tiny_config(**overrides) -> LMConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return LMConfig(**{**kwargs, **overrides})
+
+
+def tiny_model(**overrides) -> LMForCausalLM:
+    torch.manual_seed(0)
+    return LMForCausalLM(tiny_config(**overrides))
+
+
+def llama_twin(model: LMForCausalLM) -> LlamaForCausalLM:
+    """transformers' LlamaForCausalLM with the same shape and a copy of `model`'s weights."""
+    c = model.config
+    llama_config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_parameters=dict(c.rope_parameters),
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attention_dropout=c.attention_dropout,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        attn_implementation=c._attn_implementation,
+    )
+    llama = LlamaForCausalLM(llama_config)
+    llama.load_state_dict(model.state_dict(), strict=True)
+    return llama.train(model.training)
+
+
+def batch(seed: int = 1, B: int = 2, T: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids and a left-padding mask: row 0 has 3 pad positions, row 1 none."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    input_ids[0, :3] = 0
+    return input_ids, attention_mask
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_derived_fields():
+    config = LMConfig()
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+        32000,
+        128,
+        4,
+        4,
+    )
+    assert config.intermediate_size == 384  # 8/3 * 128 = 341.3 -> next multiple of 64
+    assert config.num_key_value_heads == 4
+    assert config.head_dim == 32
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config.tie_word_embeddings is True
+    assert config.loss_chunk_size == 1024
+    assert LMConfig(hidden_size=64, rope_theta=500000.0).rope_parameters["rope_theta"] == 500000.0
+
+
+def test_config_seed_names_are_aliases():
+    config = LMConfig(d_model=64, n_heads=4, n_layers=2, d_ff=256)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.intermediate_size) == (
+        64,
+        4,
+        2,
+        256,
+    )
+    assert (config.d_model, config.n_heads, config.n_layers, config.d_ff) == (64, 4, 2, 256)
+    # The default MLP width follows the aliased width, not the default one.
+    assert LMConfig(d_model=64).intermediate_size == 192
+    assert "d_model" not in config.to_dict()
+
+
+def test_config_save_load_round_trip(tmp_path):
+    config = tiny_config(rope_theta=123.0, loss_chunk_size=7, tie_word_embeddings=False)
+    config.save_pretrained(tmp_path)
+    loaded = LMConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 123.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"hidden_size": 66, "num_attention_heads": 4}, "hidden_size"),
+        ({"hidden_size": 60, "num_attention_heads": 4}, "must be even"),  # head_dim 15
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"loss_chunk_size": -1}, "loss_chunk_size"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
+        ({"rope_theta": 0.0}, "rope_theta"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**kwargs)
+
+
+# ----------------------------------------------------------------------------- parity with Llama
+
+
+@pytest.mark.parametrize(
+    ("num_key_value_heads", "tie_word_embeddings", "attn_implementation"),
+    [(4, True, "sdpa"), (2, False, "sdpa"), (1, True, "eager"), (2, False, "eager")],
+)
+def test_matches_llama(num_key_value_heads, tie_word_embeddings, attn_implementation):
+    model = tiny_model(
+        num_key_value_heads=num_key_value_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        attn_implementation=attn_implementation,
+    ).eval()
+    llama = llama_twin(model)
+    assert model.config._attn_implementation == llama.config._attn_implementation == attn_implementation
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie_word_embeddings
+    input_ids, attention_mask = batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+
+    with torch.no_grad():
+        assert_close(model(input_ids).logits, llama(input_ids).logits, rtol=0, atol=0)
+        ours = model(input_ids, attention_mask=attention_mask, labels=labels)
+        theirs = llama(input_ids, attention_mask=attention_mask, labels=labels)
+    real = attention_mask.bool()
+    assert_close(ours.logits[real], theirs.logits[real], rtol=0, atol=0)
+    assert_close(ours.loss, theirs.loss)
+
+    # Training mode: the fused chunked loss and its gradients against Llama's full-logits loss.
+    model.train(), llama.train()
+    model.config.loss_chunk_size = 4
+    ours = model(input_ids, attention_mask=attention_mask, labels=labels)
+    theirs = llama(input_ids, attention_mask=attention_mask, labels=labels)
+    assert ours.logits is None
+    assert_close(ours.loss, theirs.loss)
+    ours.loss.backward(), theirs.loss.backward()
+    assert_close(grads(model), grads(llama))
+
+
+def test_matches_llama_with_scaled_rope():
+    model = tiny_model(rope_parameters={"rope_type": "linear", "factor": 2.0}).eval()
+    llama = llama_twin(model)
+    input_ids, _ = batch()
+    with torch.no_grad():
+        assert_close(model(input_ids).logits, llama(input_ids).logits, rtol=0, atol=0)
+
+
+def test_weights_are_llama_checkpoint_keys():
+    model = tiny_model(num_hidden_layers=1, tie_word_embeddings=False)
+    assert sorted(model.state_dict()) == [
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.norm.weight",
+    ]
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_chunked_loss_equals_full_loss_values_and_grads():
+    chunked = tiny_model(loss_chunk_size=5).train()  # 2 x 9 = 18 tokens -> chunks of 5, 5, 5, 3
+    full = copy.deepcopy(chunked)
+    full.config.loss_chunk_size = 0
+    input_ids, attention_mask = batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+
+    out_chunked = chunked(input_ids, attention_mask=attention_mask, labels=labels)
+    out_full = full(input_ids, attention_mask=attention_mask, labels=labels)
+    assert out_chunked.logits is None
+    assert out_full.logits.shape == (2, 9, VOCAB)
+    assert out_chunked.loss.dtype == torch.float32
+    assert_close(out_chunked.loss, out_full.loss)
+    out_chunked.loss.backward(), out_full.loss.backward()
+    assert_close(grads(chunked), grads(full))
+
+    # Eval mode returns logits even with labels, and the same loss.
+    chunked.eval()
+    with torch.no_grad():
+        out_eval = chunked(input_ids, attention_mask=attention_mask, labels=labels)
+    assert out_eval.logits.shape == (2, 9, VOCAB)
+    assert_close(out_eval.loss, out_full.loss)
+
+
+def test_loss_is_fp32_next_token_cross_entropy_in_bf16():
+    model = tiny_model(loss_chunk_size=4).to(torch.bfloat16).train()
+    input_ids, _ = batch()
+    loss = model(input_ids, labels=input_ids).loss
+    assert loss.dtype == torch.float32
+
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids)
+    assert out.logits.dtype == torch.bfloat16
+    expected = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
+    assert_close(out.loss, expected)
+    assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_shift_labels_are_not_shifted_again(training):
+    model = tiny_model(loss_chunk_size=4).train(training)
+    input_ids, _ = batch()
+    # lmkit's collator output for the same targets: shifted left, -100 after the last token.
+    shift_labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    assert shift_labels[0, -1] == shift_labels[1, -1] == -100
+
+    with torch.no_grad():
+        from_labels = model(input_ids, labels=input_ids).loss
+        from_shift_labels = model(input_ids, shift_labels=shift_labels).loss
+        shifted_twice = model(input_ids, labels=shift_labels).loss
+        logits = model.eval()(input_ids).logits
+    assert torch.equal(from_shift_labels, from_labels)
+    expected = F.cross_entropy(logits.reshape(-1, VOCAB), shift_labels.reshape(-1), ignore_index=-100)
+    assert_close(from_shift_labels, expected)
+    assert not torch.allclose(shifted_twice, from_labels)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_num_items_in_batch_sums_then_divides(training):
+    model = tiny_model(loss_chunk_size=4).train(training)
+    input_ids, attention_mask = batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # 6 + 9 real labels
+    n_targets = 6 + 8  # after the shift: the first real label of a row is never a target
+
+    with torch.no_grad():
+        mean = model(input_ids, labels=labels).loss
+        summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(1)).loss
+        over_40 = model(input_ids, labels=labels, num_items_in_batch=40).loss
+    assert_close(summed, mean * n_targets)
+    assert_close(over_40, mean * n_targets / 40)
+
+    # Gradient accumulation: micro-batches with different target counts, each divided by the total count, add up
+    # to the loss of the whole batch (a per-micro-batch mean would weight row 0's tokens more).
+    with torch.no_grad():
+        micro = [
+            model(input_ids[i : i + 1], labels=labels[i : i + 1], num_items_in_batch=n_targets).loss for i in (0, 1)
+        ]
+    assert_close(micro[0] + micro[1], mean)
+
+
+def test_logits_to_keep():
+    model = tiny_model().eval()
+    input_ids, _ = batch()
+    with torch.no_grad():
+        full = model(input_ids).logits
+        last = model(input_ids, logits_to_keep=1).logits
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(input_ids, labels=input_ids, logits_to_keep=1)
+    assert last.shape == (2, 1, VOCAB)
+    assert_close(last, full[:, -1:])
+
+
+# ----------------------------------------------------------------------------- training features
+
+
+def test_gradient_checkpointing_gives_the_same_grads():
+    model = tiny_model(loss_chunk_size=4).train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable()
+    assert checkpointed.model.layers[0].gradient_checkpointing
+    input_ids, attention_mask = batch()
+
+    loss = model(input_ids, attention_mask=attention_mask, labels=input_ids).loss
+    loss_ckpt = checkpointed(input_ids, attention_mask=attention_mask, labels=input_ids).loss
+    assert torch.equal(loss, loss_ckpt)
+    loss.backward(), loss_ckpt.backward()
+    assert_close(grads(model), grads(checkpointed))
+
+
+def test_scaled_residual_init():
+    config = tiny_config(hidden_size=64, num_hidden_layers=8, intermediate_size=256, initializer_range=0.02)
+    model = LMForCausalLM(config)
+    residual_std = 0.02 / math.sqrt(2 * 8)  # 0.005
+    for name, param in model.named_parameters():
+        std = param.detach().std().item()
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert std == pytest.approx(residual_std, rel=0.05), name
+        elif name.endswith("norm.weight"):
+            assert torch.equal(param, torch.ones_like(param)), name
+        else:
+            assert std == pytest.approx(0.02, rel=0.05), name
+    assert torch.equal(model.model.embed_tokens.weight[0], torch.zeros(64))  # pad_token_id row
+
+
+def test_output_hidden_states_and_attentions():
+    model = tiny_model(attn_implementation="eager").eval()
+    input_ids, _ = batch()
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3  # embeddings + 2 layers
+    assert [a.shape for a in out.attentions] == [(2, 4, 9, 9)] * 2
+
+
+# ----------------------------------------------------------------------------- save / load / generate
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+def test_save_pretrained_round_trip(tmp_path, tie_word_embeddings):
+    model = tiny_model(tie_word_embeddings=tie_word_embeddings).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "pytorch_model.bin").exists()
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LMForCausalLM
+    assert loaded.config.to_diff_dict() == model.config.to_diff_dict()
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie_word_embeddings
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids, attention_mask=attention_mask).logits,
+            model(input_ids, attention_mask=attention_mask).logits,
+        )
+
+
+def test_generate_with_cache_equals_without_and_matches_llama():
+    model = tiny_model().eval()
+    llama = llama_twin(model)
+    input_ids, attention_mask = batch(T=6)
+    settings = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    with_cache = model.generate(input_ids, **settings)
+    without_cache = model.generate(input_ids, use_cache=False, **settings)
+    from_llama = llama.generate(input_ids, **settings)
+    assert with_cache.shape == (2, 14)
+    assert torch.equal(with_cache[:, :6], input_ids)
+    assert torch.equal(with_cache, without_cache)
+    assert torch.equal(with_cache, from_llama)
+
+
+def test_cache_step_equals_full_forward():
+    model = tiny_model().eval()
+    input_ids, _ = batch()
+    with torch.no_grad():
+        full = model(input_ids).logits
+        prefix = model(input_ids[:, :-1], use_cache=True)
+        step = model(input_ids[:, -1:], cache=prefix.cache)
+        with pytest.warns(FutureWarning, match="past_key_values"):  # transformers 5's old name still works
+            legacy_name = model(input_ids[:, -1:], past_key_values=model(input_ids[:, :-1]).cache)
+    assert_close(step.logits[:, 0], full[:, -1])
+    assert_close(legacy_name.logits[:, 0], full[:, -1])
+
+
+# ----------------------------------------------------------------------------- remote code
+
+
+def test_model_files_import_only_torch_and_transformers():
+    for path in (MODELING_DIR / "configuration_lmkit.py", MODELING_DIR / "modeling_lmkit.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the sibling configuration module
+                    assert node.module == "configuration_lmkit", path.name
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= {"torch", "transformers"} | sys.stdlib_module_names, (path.name, roots)
+
+
+@pytest.mark.slow
+def test_loads_as_remote_code_without_lmkit(tmp_path):
+    """save_pretrained with auto_map, then load in a fresh interpreter that cannot import lmkit."""
+    model = tiny_model().eval()
+    LMConfig.register_for_auto_class()
+    LMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        LMConfig._auto_class = LMForCausalLM._auto_class = None
+    assert {"configuration_lmkit.py", "modeling_lmkit.py"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    input_ids, _ = batch()
+    with torch.no_grad():
+        torch.save((input_ids, model(input_ids).logits), tmp_path / "expected.pt")
+
+    script = f"""
+import sys
+sys.modules["lmkit"] = None  # any import of lmkit now fails
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+input_ids, expected = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    assert torch.equal(model(input_ids).logits, expected)
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
