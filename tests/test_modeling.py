@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.utils.generic import find_labels
 
 import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
 from lmkit.modeling import LMConfig, LMForCausalLM
@@ -264,6 +265,12 @@ def test_shift_labels_are_not_shifted_again(training):
     assert not torch.allclose(shifted_twice, from_labels)
 
 
+def test_trainer_sees_labels_as_the_only_label_column():
+    # shift_labels is a keyword like in LlamaForCausalLM: were it a named parameter, Trainer.prediction_step would
+    # require both columns in every batch and report no eval loss for ordinary `labels` batches.
+    assert find_labels(LMForCausalLM) == find_labels(LlamaForCausalLM) == ["labels"]
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_num_items_in_batch_sums_then_divides(training):
     model = tiny_model(loss_chunk_size=4).train(training)
@@ -439,3 +446,16 @@ with torch.no_grad():
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_documents_do_not_attend_to_each_other(attn_implementation):
+    model = tiny_model(attn_implementation=attn_implementation).train()  # training: no cache, so packing is seen
+    first, second = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12, 13]])
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids)
+        assert out.cache is None
+        assert_close(out.logits[:, :5], model(first).logits)
+        assert_close(out.logits[:, 5:], model(second).logits)

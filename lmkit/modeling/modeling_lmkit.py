@@ -325,7 +325,6 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -336,26 +335,38 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(B, T)`): token ids (or pass `inputs_embeds` `(B, T, hidden)`).
             attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 for real tokens, 0 for padding.
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): defaults to past_length + arange(T).
+                In a packed row (several documents, no attention_mask, no cache), positions restarting at 0 mark
+                the document starts, and attention stays within each document.
             cache (`Cache`, *optional*): key/value cache from an earlier call (the deprecated name
                 `past_key_values` is accepted, as in transformers' own models).
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): the Hugging Face convention, unshifted:
                 the model shifts them, so `model(input_ids=x, labels=x)` is the usual next-token loss.
-            shift_labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets already shifted, aligned
-                with the input positions (`shift_labels[:, t]` is the token that should follow position t), as
-                lmkit's collator produces them; used as given. Wins over `labels` when both are passed.
-            use_cache (`bool`, *optional*): return the cache; defaults to `config.use_cache`.
+            use_cache (`bool`, *optional*): return the cache; defaults to `config.use_cache` in eval mode and to
+                False in training mode.
             logits_to_keep (`int` or `torch.Tensor`, defaults to 0): only compute logits for the last n positions
                 (0 = all), or for the given indices. Does not affect the loss when it is fused.
-            kwargs: `num_items_in_batch` (passed by the Trainer under gradient accumulation): the loss is then the
-                sum of token losses divided by it instead of the mean over this batch's targets. Everything else
-                goes on to the attention backend (e.g. `output_attentions`, flash-attention varlen arguments).
+            kwargs: the loss keywords, read here and not passed on:
+                - `shift_labels` (`torch.LongTensor` of shape `(B, T)`): targets already shifted, aligned with the
+                  input positions (`shift_labels[:, t]` is the token that should follow position t), as lmkit's
+                  collator produces them; used as given. Wins over `labels` when both are passed. It is a keyword
+                  rather than a named parameter, as in transformers' Llama: the Trainer treats every named
+                  `*label*` parameter as a label column and would then want both in every batch.
+                - `num_items_in_batch` (passed by the Trainer under gradient accumulation): the loss is then the
+                  sum of token losses divided by it instead of the mean over this batch's targets.
+                Everything else goes on to the attention backend (e.g. `output_attentions`, flash-attention varlen
+                arguments).
 
         Targets equal to -100 are ignored. The cross-entropy is always computed in fp32. In training mode with
         `config.loss_chunk_size > 0` the LM head and the cross-entropy run fused over chunks of tokens, each chunk
         under activation checkpointing, so the full `(B*T, vocab)` logits never exist: the output then carries
         `logits=None`. In eval mode, without targets, or with `loss_chunk_size=0`, the logits are returned.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if use_cache is None and self.training:
+            # Training never reads the cache, and without one create_causal_mask can split packed sequences into
+            # separate documents by their position_ids (it only looks for them when no cache is passed).
+            use_cache = False
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
