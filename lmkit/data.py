@@ -150,6 +150,8 @@ def _load_files(files: list[Path], field: str, data_args: DataArguments) -> Data
         )
     except Exception as err:  # datasets wraps decode/parse errors without the file name; find the culprit
         problem = _diagnose(files, builder, column, field)
+        if problem is None and isinstance(err, ValueError) and "corresponds to no data" in str(err):
+            problem = _no_documents(files, field)
         if problem is None:
             raise
         raise LMKitError(problem) from err
@@ -161,8 +163,12 @@ def _load_files(files: list[Path], field: str, data_args: DataArguments) -> Data
             raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see --text_column)")
     ds = _text_column(ds, column, field)
     if not data_args.streaming and len(ds) == 0:
-        raise LMKitError(f"{field}: no documents in {', '.join(map(str, files))}")
+        raise LMKitError(_no_documents(files, field))
     return ds
+
+
+def _no_documents(files: list[Path], field: str) -> str:
+    return f"{field}: no documents in {', '.join(map(str, files))} (only blank lines?)"
 
 
 def _text_column(ds: Dataset | IterableDataset, column: str, field: str) -> Dataset | IterableDataset:
