@@ -210,8 +210,8 @@ def _utf8_error_offset(file: Path, chunk_size: int = 1 << 20) -> int | None:
             position += len(chunk)
     try:
         decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return position
+    except UnicodeDecodeError as err:  # a multi-byte character cut off by the end of the file
+        return position + err.start - len(err.object)
     return None
 
 
@@ -359,6 +359,8 @@ def build_lm_datasets(
 def _tokenize_and_pack(
     ds: Dataset, tokenizer: Any, token_hash: str, block_len: int, data_args: DataArguments, split: str
 ) -> Dataset:
+    if len(ds) == 0:  # nothing to hold out (--validation_split 0); map() would not even keep the schema
+        return Dataset.from_dict({"input_ids": []}, features=_TOKENS)
     num_proc = data_args.preprocessing_num_workers
     if num_proc is not None and num_proc > 1:
         num_proc = min(num_proc, max(1, len(ds) // _TOKENIZE_BATCH))  # datasets refuses more shards than rows
@@ -476,7 +478,8 @@ def _build_streaming(
     )
     n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
     val_blocks = [b["input_ids"] for b in islice(iter_blocks(raw["validation"], tokenizer, block_len), n_eval)]
-    if not val_blocks:
+    no_validation_asked = data_args.validation_files is None and data_args.validation_split == 0
+    if not val_blocks and not no_validation_asked:
         raise LMKitError(
             f"the validation data is shorter than --block_size + 1 = {block_len} tokens: "
             "lower --block_size, or raise --validation_split / pass longer --validation_files"

@@ -403,3 +403,21 @@ def test_streaming_tail_split_is_an_error(tmp_path, twenty_docs):
     s = args(tmp_path, train_files=[str(twenty_docs)], split_mode="tail", streaming=True)
     with pytest.raises(LMKitError, match="--split_mode tail"):
         load_raw_datasets(s, 0)
+
+
+def test_no_validation_when_split_is_zero(tmp_path, twenty_docs, char_tok):
+    a = args(tmp_path, train_files=[str(twenty_docs)], validation_split=0.0, block_size=4)
+    raw = load_raw_datasets(a, 0)
+    assert len(raw["train"]) == 20 and len(raw["validation"]) == 0
+    lm = build_lm_datasets(raw, char_tok, a)
+    assert len(lm["train"]) == (10 * 3 + 10 * 4) // 5  # "pN" + EOS, "pNN" + EOS
+    assert len(lm["validation"]) == 0
+
+
+def test_utf8_offset_is_exact_across_read_chunks(tmp_path):
+    good = "é" * 10  # 2 bytes each: multi-byte characters straddle 3-byte chunks without being an error
+    assert data._utf8_error_offset(write(tmp_path / "ok.txt", good), chunk_size=3) is None
+    bad = write(tmp_path / "bad.txt", good.encode() + b"\xff" + b"tail")
+    assert data._utf8_error_offset(bad, chunk_size=3) == 20
+    truncated = write(tmp_path / "cut.txt", good.encode() + "é".encode()[:1])
+    assert data._utf8_error_offset(truncated, chunk_size=3) == 20
