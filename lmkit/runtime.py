@@ -6,13 +6,14 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lmkit import reliability
 from lmkit.errors import LMKitError
 
 logger = logging.getLogger(__name__)
@@ -54,44 +55,74 @@ def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
     }
     logger.info("versions: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
     logger.info(
-        "device: %s, world size %d, bf16 %s, threads %d", args.device, args.world_size, args.bf16, torch.get_num_threads()
+        "device: %s, world size %d, bf16 %s, threads %d",
+        args.device,
+        args.world_size,
+        args.bf16,
+        torch.get_num_threads(),
     )
     for group in dataclasses:
-        logger.info("%s: %s", type(group).__name__, {k: v for k, v in vars(group).items() if not k.startswith("_")})
+        shown = {k: "<redacted>" if k.endswith("_token") and v else v for k, v in vars(group).items()}
+        logger.info("%s: %s", type(group).__name__, {k: v for k, v in shown.items() if not k.startswith("_")})
 
 
 def check_output_dir(args: TrainingArguments) -> None:
-    """Refuse to train into a dir that holds a finished model, unless resuming or ``--overwrite_output_dir``."""
+    """Refuse an output dir that is a file, is not writable, or holds a finished model that this run would replace.
+
+    A finished model (config.json / model weights in the dir itself) may only be replaced with
+    ``--overwrite_output_dir``, or continued with ``--resume_from_checkpoint`` (a path, or ``auto`` when the dir
+    holds a complete checkpoint; ``auto`` with none would silently start over, so it is refused too).
+    """
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise LMKitError(f"--output_dir {out} exists and is not a directory")
-    if args.resume_from_checkpoint or getattr(args, "overwrite_output_dir", False):
+    _check_writable(out)
+    if getattr(args, "overwrite_output_dir", False):
+        return
+    resume = args.resume_from_checkpoint
+    if resume and (resume != "auto" or reliability.complete_checkpoints(out)):
         return
     finished = [name for name in FINISHED_MODEL_FILES if (out / name).exists()]
     if finished:
         raise LMKitError(
             f"--output_dir {out} already holds a finished model ({finished[0]}); pass --overwrite_output_dir to "
-            "replace it, --resume_from_checkpoint auto to continue, or choose another --output_dir"
+            "replace it, --resume_from_checkpoint auto to continue from a checkpoint, or choose another --output_dir"
         )
 
 
+def _check_writable(out: Path) -> None:
+    # Probe with a real file: permission bits say nothing for root, and a read-only mount only shows on write.
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise LMKitError(f"--output_dir {out}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmkit-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise LMKitError(f"--output_dir {out}: not writable ({err.strerror or err})") from err
+
+
 def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
-    """``--resume_from_checkpoint auto`` -> latest checkpoint in the output dir (None when there is none)."""
+    """The checkpoint to resume from: ``--resume_from_checkpoint PATH`` (checked complete) or ``auto``.
+
+    ``auto`` picks the newest complete ``checkpoint-N`` in the output dir, skipping (and logging) incomplete or
+    corrupted ones; None when there is none (a fresh start). A PATH that is missing, incomplete, has only pickled
+    weights or a corrupted safetensors file raises `LMKitError` naming the flag.
+    """
     value = args.resume_from_checkpoint
     if not value:
         return None
     if value != "auto":
-        if not Path(value).is_dir():
-            raise LMKitError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+        reliability.check_resume_checkpoint(value)
         return value
     out = Path(args.output_dir)
-    candidates = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    if not candidates:
-        logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting fresh", out)
+    complete = reliability.complete_checkpoints(out)
+    if not complete:
+        logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", out)
         return None
-    latest = max(candidates, key=lambda p: int(p.name.split("-")[-1]))
-    logger.info("resuming from %s", latest)
-    return str(latest)
+    logger.info("resuming from %s", complete[-1])
+    return str(complete[-1])
 
 
 def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -5,6 +5,7 @@ Only a few hooks are overridden; the loop, checkpoints, schedules and distributi
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+
+from lmkit import reliability
 
 
 class LMTrainer(Trainer):
@@ -22,11 +25,17 @@ class LMTrainer(Trainer):
     - Gradient accumulation normalises the loss over all target tokens of the accumulated batch (across ranks too),
       so 4 micro-batches of 4 give the same gradient as one batch of 16, whatever their padding.
     - Logs perplexity, tokens/s over the last logging interval and tokens seen; eval logs perplexity.
+    - Reliability (`lmkit.reliability`): checkpoints and the final model appear only when complete; SIGTERM/SIGINT
+      checkpoint and exit; NaN/Inf steps are skipped and counted (``nonfinite_skipped``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._interval_start: tuple[float, int] | None = None
+        self._checkpoint_staging: str | None = None
+        self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(reliability.PreemptionCallback())
 
     # -- optimizer -------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -44,7 +53,31 @@ class LMTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._interval_start is None:  # first step of this run (or of a resumed run): start the tokens/s clock
             self._interval_start = (time.perf_counter(), self.state.num_input_tokens_seen)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
+
+    # -- crash-safe saving (lmkit.reliability) ----------------------------------------------------------------
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        save = functools.partial(super()._save_checkpoint, model, trial)
+        reliability.save_checkpoint_atomically(self, save, super()._get_output_dir(trial))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call or self.args.push_to_hub:  # checkpoints are already staged; a hub push wants the dir
+            return super().save_model(output_dir, _internal_call)
+        save = functools.partial(super().save_model, _internal_call=False)
+        reliability.save_model_atomically(self, save, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        reliability.check_checkpoint_matches_model(resume_from_checkpoint, self.model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        with reliability.no_end_of_training_rotation(self.args):
+            return super()._finalize_training(*args, **kwargs)
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -59,5 +92,6 @@ class LMTrainer(Trainer):
                 if now > t0:
                     logs["tokens_per_second"] = round((seen - seen0) / (now - t0), 1)
             self._interval_start = (now, seen)
+        if "loss" in logs:
+            logs.update(self.nonfinite_guard.log_entries())
         super().log(logs, start_time)
-

@@ -1,0 +1,139 @@
+"""LMTrainer: optimizer groups, token-normalised gradient accumulation, no double label shift, metrics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from lmkit import LMConfig, LMForCausalLM
+from lmkit.args import LMTrainingArguments
+from lmkit.collator import CausalLMCollator
+from lmkit.trainer import LMTrainer
+
+VOCAB = 97
+
+
+def tiny_model(seed: int = 0) -> LMForCausalLM:
+    torch.manual_seed(seed)
+    config = LMConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, loss_chunk_size=0,
+    )  # fmt: skip
+    return LMForCausalLM(config)
+
+
+def training_args(tmp_path, **overrides) -> LMTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
+        disable_tqdm=True, dataloader_drop_last=False, seed=1,
+    )  # fmt: skip
+    return LMTrainingArguments(**{**defaults, **overrides})
+
+
+class GradCatcher(TrainerCallback):
+    """Keeps a copy of every gradient just before the first optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+
+
+def ragged_rows(n: int = 16) -> Dataset:
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(4, 24, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(1, VOCAB, (length,), generator=g).tolist()})
+    return Dataset.from_list(rows)
+
+
+def grads_after_one_step(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    model = tiny_model()
+    catcher = GradCatcher(model)
+    trainer = LMTrainer(
+        model=model,
+        args=training_args(
+            tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1
+        ),
+        train_dataset=ragged_rows(),
+        data_collator=CausalLMCollator(pad_token_id=0),
+        callbacks=[catcher],
+    )
+    trainer.train()
+    return catcher.grads
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    # 4 micro-batches of 4 rows with ragged padding vs one batch of 16: the loss is normalised over all target
+    # tokens of the accumulated batch, so the gradients agree to float rounding.
+    big = grads_after_one_step(tmp_path / "a", batch_size=16, accumulation=1)
+    small = grads_after_one_step(tmp_path / "b", batch_size=4, accumulation=4)
+    assert big.keys() == small.keys()
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_loss_through_collator_and_trainer_has_no_double_shift(tmp_path):
+    model = tiny_model().eval()
+    seq = torch.tensor([5, 17, 3, 42, 8, 8, 61, 2, 9])
+    batch = CausalLMCollator(pad_token_id=0)([{"input_ids": seq.tolist()}])
+    trainer = LMTrainer(model=model, args=training_args(tmp_path), data_collator=CausalLMCollator(pad_token_id=0))
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(model, dict(batch))
+        hf_loss = model(input_ids=seq[None], labels=seq[None]).loss  # HF convention: the model shifts
+        logits = model(input_ids=seq[None, :-1]).logits[0]  # (8, vocab)
+    by_hand = F.cross_entropy(logits.float(), seq[1:])
+    torch.testing.assert_close(trainer_loss, by_hand)
+    torch.testing.assert_close(hf_loss, by_hand)
+
+
+def test_weight_decay_only_on_weight_matrices(tmp_path):
+    model = tiny_model()
+    trainer = LMTrainer(model=model, args=training_args(tmp_path), data_collator=CausalLMCollator(pad_token_id=0))
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.embed_tokens.weight" in decayed
+    assert "model.norm.weight" in plain and "model.layers.1.input_layernorm.weight" in plain
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed) and all(
+        model.get_parameter(n).ndim == 1 for n in plain
+    )
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01, 0.0}
+    assert isinstance(optimizer, torch.optim.AdamW) or "AdamW" in type(optimizer).__name__
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_logs_perplexity_tokens_per_second_and_eval(tmp_path):
+    rows = Dataset.from_list([{"input_ids": list(range(1, 18))} for _ in range(32)])
+    trainer = LMTrainer(
+        model=tiny_model(),
+        args=training_args(
+            tmp_path,
+            max_steps=4,
+            logging_steps=2,
+            per_device_train_batch_size=4,
+            eval_strategy="steps",
+            eval_steps=4,
+            learning_rate=1e-2,
+        ),  # fmt: skip
+        train_dataset=rows,
+        eval_dataset=rows.select(range(8)),
+        data_collator=CausalLMCollator(pad_token_id=0),
+    )
+    trainer.train()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in train_logs] == [2, 4]
+    for h in train_logs:
+        assert h["perplexity"] == pytest.approx(math.exp(h["loss"]))
+        assert h["num_input_tokens_seen"] == h["step"] * 4 * 16
+        assert "grad_norm" in h and "learning_rate" in h
+    assert train_logs[1]["tokens_per_second"] > 0
+    assert eval_logs[0]["eval_perplexity"] == pytest.approx(math.exp(eval_logs[0]["eval_loss"]))
