@@ -1,0 +1,179 @@
+"""Held-out loss, perplexity and bits per byte of a causal LM, in blocks or with a sliding window.
+
+The text becomes one token stream exactly as training builds it (each document's tokens, then EOS, all
+concatenated). It is then cut into windows:
+
+- ``stride=None``: non-overlapping blocks of ``context + 1`` tokens, the trailing remainder dropped -- the blocks
+  `lmkit.data.build_lm_datasets` makes, so the loss equals the trainer's ``eval_loss`` for the same context.
+- ``stride=S``: windows of up to ``context + 1`` tokens starting every S tokens; each window scores only the
+  targets that earlier windows did not, so every token after the first is scored exactly once, with at least
+  ``context - S`` tokens before it (the Hugging Face perplexity guide's method, stride <= context).
+
+Each window contributes its summed nats, its scored-token count and the UTF-8 bytes those tokens spell to the
+``lm_loss`` metric module (lmkit/metrics/lm_loss, loaded by path with `evaluate.load`), which returns
+loss = nats / tokens, perplexity = exp(loss) and bits per byte = nats / (ln 2 * bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import evaluate
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmkit.errors import LMKitError
+
+logger = logging.getLogger(__name__)
+
+METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "lm_loss")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``stream[start:end]`` go through the model; targets at stream positions >= ``first_scored`` count."""
+
+    start: int
+    end: int
+    first_scored: int
+
+
+def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every document's tokens followed by EOS, concatenated: the stream training packs into blocks."""
+    if tokenizer.eos_token_id is None:
+        raise LMKitError("the tokenizer has no EOS token to separate documents")
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def block_windows(n_tokens: int, context: int) -> list[Window]:
+    """Disjoint blocks of ``context + 1`` tokens, each scoring its ``context`` targets; the tail is dropped."""
+    block = context + 1
+    return [Window(s, s + block, s + 1) for s in range(0, n_tokens - block + 1, block)]
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """Windows of up to ``context + 1`` tokens every ``stride`` tokens; each target (positions 1..n-1) scored once."""
+    if not 1 <= stride <= context:
+        raise LMKitError(f"--stride {stride} must be between 1 and the context {context}")
+    windows, start, next_target = [], 0, 1
+    while next_target < n_tokens:
+        end = min(start + context + 1, n_tokens)
+        windows.append(Window(start, end, next_target))
+        next_target, start = end, start + stride
+    return windows
+
+
+class ByteCounter:
+    """UTF-8 bytes of text that a run of token ids spells (special tokens count 0).
+
+    Exact for byte-level BPE (each token maps back to its raw bytes, so a character split across two spans is
+    counted once) and for character-level vocabularies; other tokenizers count the bytes of the decoded span.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+        # Byte-level BPE spells every byte as one character of its alphabet: a token's length is its byte count.
+        self.byte_level = bool(decoder) and decoder.get("type") == "ByteLevel"
+
+    def __call__(self, ids: list[int]) -> int:
+        ids = [i for i in ids if i not in self.special_ids]
+        if self.byte_level:
+            return sum(len(token) for token in self.tokenizer.convert_ids_to_tokens(ids))
+        return len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+
+
+@torch.no_grad()
+def score_windows(
+    model: PreTrainedModel,
+    stream: list[int],
+    windows: list[Window],
+    count_bytes: ByteCounter,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> Iterator[dict[str, list]]:
+    """Yield, per batch of windows, ``{"nats": [...], "tokens": [...], "bytes": [...]}`` (one entry per window).
+
+    The cross-entropy is taken in fp32 on the model's logits, as the model's own loss does. Rows of one batch are
+    right-padded only when their lengths differ, so equal blocks take the same attention path as in training.
+    """
+    device = model.device
+    tokens = torch.tensor(stream, dtype=torch.long)
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        width = max(w.end - w.start for w in batch) - 1
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, w in enumerate(batch):
+            n = w.end - w.start - 1
+            input_ids[row, :n] = tokens[w.start : w.end - 1]  # (n,)
+            targets[row, :n] = tokens[w.start + 1 : w.end]  # (n,) the token after each input position
+            targets[row, : w.first_scored - w.start - 1] = IGNORE_INDEX  # scored by an earlier window
+            mask[row, :n] = 1
+        inputs = {"input_ids": input_ids.to(device)}
+        if not bool(mask.all()):
+            inputs["attention_mask"] = mask.to(device)
+        logits = model(**inputs, use_cache=False).logits  # (B, T, vocab)
+        nats = F.cross_entropy(
+            logits.float().transpose(1, 2), targets.to(device), ignore_index=IGNORE_INDEX, reduction="none"
+        ).sum(dim=1)  # (B,)
+        yield {
+            "nats": nats.double().tolist(),
+            "tokens": (targets != IGNORE_INDEX).sum(dim=1).tolist(),
+            "bytes": [count_bytes(stream[w.first_scored : w.end]) for w in batch],
+        }
+
+
+def evaluate_stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    stream: list[int],
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Loss, perplexity, bits per byte (and token/byte/window counts) of ``model`` on a token stream.
+
+    ``stride=None`` scores non-overlapping training blocks; see the module docstring for both methods.
+    """
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and context > max_positions:
+        raise LMKitError(f"--context {context} exceeds the model's max_position_embeddings {max_positions}")
+    if stride is None:
+        windows = block_windows(len(stream), context)
+        if not windows:
+            raise LMKitError(
+                f"the evaluation text is {len(stream)} tokens, shorter than one block of --context + 1 = "
+                f"{context + 1}: pass --stride to score it with a sliding window, or a shorter --context"
+            )
+    else:
+        if stride > context:
+            raise LMKitError(f"--stride {stride} is larger than the context {context} (tokens would go unscored)")
+        windows = sliding_windows(len(stream), context, stride)
+        if not windows:
+            raise LMKitError("the evaluation text is a single token: nothing to predict")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    metric = evaluate.load(METRIC_PATH)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in score_windows(model, stream, windows, ByteCounter(tokenizer), batch_size, pad):
+            metric.add_batch(**batch)
+    finally:
+        model.train(was_training)
+    results = metric.compute()
+    results.update(windows=len(windows), context=context, stride=stride)
+    return results
