@@ -16,10 +16,10 @@ loss = nats / tokens, perplexity = exp(loss) and bits per byte = nats / (ln 2 * 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import evaluate
@@ -44,14 +44,39 @@ class Window:
     first_scored: int
 
 
-def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every document's tokens followed by EOS, concatenated: the stream training packs into blocks."""
+@dataclass
+class TokenStream:
+    """Token ids and, per token, the UTF-8 bytes of text it accounts for (0 for the EOS after each document)."""
+
+    ids: list[int]
+    nbytes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> TokenStream:
+    """Every document's tokens followed by EOS, concatenated: the stream training packs into blocks.
+
+    Bytes come from the text through the tokenizer's character offsets, so a document's tokens account for
+    exactly its UTF-8 bytes (unknown-character tokens and characters split across byte-level tokens included).
+    Tokenizers without offsets (slow ones) count the bytes of each decoded token instead.
+    """
     if tokenizer.eos_token_id is None:
         raise LMKitError("the tokenizer has no EOS token to separate documents")
-    stream: list[int] = []
+    stream = TokenStream([], [])
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(tokenizer.eos_token_id)
+        if tokenizer.is_fast:
+            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, starts = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+            byte_at = [0, *accumulate(len(c.encode("utf-8")) for c in text)]  # byte offset of each character
+            bounds = [0, *starts[1:], len(text)]  # a token owns the text up to the next token's start
+            nbytes = [byte_at[bounds[i + 1]] - byte_at[bounds[i]] for i in range(len(ids))]
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            nbytes = [len(tokenizer.decode([i]).encode("utf-8")) for i in ids]
+        stream.ids += [*ids, tokenizer.eos_token_id]
+        stream.nbytes += [*nbytes, 0]
     return stream
 
 
@@ -73,34 +98,11 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
-class ByteCounter:
-    """UTF-8 bytes of text that a run of token ids spells (special tokens count 0).
-
-    Exact for byte-level BPE (each token maps back to its raw bytes, so a character split across two spans is
-    counted once) and for character-level vocabularies; other tokenizers count the bytes of the decoded span.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        self.special_ids = set(tokenizer.all_special_ids)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
-        # Byte-level BPE spells every byte as one character of its alphabet: a token's length is its byte count.
-        self.byte_level = bool(decoder) and decoder.get("type") == "ByteLevel"
-
-    def __call__(self, ids: list[int]) -> int:
-        ids = [i for i in ids if i not in self.special_ids]
-        if self.byte_level:
-            return sum(len(token) for token in self.tokenizer.convert_ids_to_tokens(ids))
-        return len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
-
-
 @torch.no_grad()
 def score_windows(
     model: PreTrainedModel,
-    stream: list[int],
+    stream: TokenStream,
     windows: list[Window],
-    count_bytes: ByteCounter,
     batch_size: int = 8,
     pad_token_id: int = 0,
 ) -> Iterator[dict[str, list]]:
@@ -110,7 +112,7 @@ def score_windows(
     right-padded only when their lengths differ, so equal blocks take the same attention path as in training.
     """
     device = model.device
-    tokens = torch.tensor(stream, dtype=torch.long)
+    tokens = torch.tensor(stream.ids, dtype=torch.long)
     for b in range(0, len(windows), batch_size):
         batch = windows[b : b + batch_size]
         width = max(w.end - w.start for w in batch) - 1
@@ -133,14 +135,14 @@ def score_windows(
         yield {
             "nats": nats.double().tolist(),
             "tokens": (targets != IGNORE_INDEX).sum(dim=1).tolist(),
-            "bytes": [count_bytes(stream[w.first_scored : w.end]) for w in batch],
+            "bytes": [sum(stream.nbytes[w.first_scored : w.end]) for w in batch],
         }
 
 
 def evaluate_stream(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    stream: list[int],
+    stream: TokenStream,
     context: int,
     stride: int | None = None,
     batch_size: int = 8,
@@ -170,7 +172,7 @@ def evaluate_stream(
     was_training = model.training
     model.eval()
     try:
-        for batch in score_windows(model, stream, windows, ByteCounter(tokenizer), batch_size, pad):
+        for batch in score_windows(model, stream, windows, batch_size, pad):
             metric.add_batch(**batch)
     finally:
         model.train(was_training)

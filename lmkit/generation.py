@@ -1,0 +1,72 @@
+"""Text generation from a trained model: sampling options, streaming to the terminal, left-padded batches.
+
+Decoding itself is transformers' `generate` with the KV cache on; this module only turns lmkit's flags into a
+`GenerationConfig` and handles prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+
+from lmkit.eval_args import GenerationArguments
+
+logger = logging.getLogger(__name__)
+
+
+def generation_config(args: GenerationArguments, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Greedy when ``temperature`` is 0, otherwise sampling with temperature, top-k and top-p; always cached."""
+    sample = args.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample else None,
+        top_k=args.top_k if sample else None,
+        top_p=args.top_p if sample else None,
+        repetition_penalty=args.repetition_penalty,
+        use_cache=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def encode_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask of ``prompts``, left-padded so every prompt ends where generation starts.
+
+    An empty prompt starts from the BOS token (the document boundary the model saw in training).
+    """
+    texts = [p if p else tokenizer.bos_token or tokenizer.eos_token for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: GenerationConfig,
+    seed: int | None = None,
+    stream: bool = False,
+) -> list[str]:
+    """Continue each prompt; return only the generated text (special tokens dropped).
+
+    With ``stream`` (one prompt only), the prompt and then each new piece of text are printed to stdout as the
+    tokens are produced, through transformers' `TextStreamer`.
+    """
+    if stream and len(prompts) != 1:
+        raise ValueError("streaming prints one prompt at a time")
+    if seed is not None:
+        set_seed(seed)
+    inputs = encode_prompts(prompts, tokenizer).to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True) if stream else None
+    out = model.generate(**inputs, generation_config=config, streamer=streamer)  # (B, T_prompt + new)
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
