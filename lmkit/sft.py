@@ -1,0 +1,310 @@
+"""Supervised fine-tuning data: prompt/completion and chat rows -> token ids with loss masks -> (packed) rows.
+
+Three formats, told apart by what the files hold (the first row of the first file decides, every row is checked):
+
+- raw text (``.txt``/``.parquet``, or JSONL rows without the keys below): continued pretraining, the pretraining
+  pipeline of `lmkit.data`;
+- ``{"prompt": str, "completion": str}``: ``prompt`` (with the tokenizer's usual leading specials) + ``completion``
+  + EOS;
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``: rendered with a chat template.
+
+Rows come out as the collator wants them: ``input_ids`` (n tokens) and ``labels`` (the same ids, -100 on tokens
+that are not learned); packed rows also carry ``position_ids``. Loss falls on completion / assistant tokens only
+(``--train_on_prompt`` learns everything), and every example ends in EOS, which is learned, so the model stops.
+
+The one rule for long examples: an example longer than ``--block_size + 1`` tokens is dropped, and the log says how
+many were. Truncating would cut off the answer's end and teach the model not to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lmkit.args import DataArguments
+from lmkit.collator import IGNORE_INDEX
+from lmkit.data import FORMATS, resolve_data_files
+from lmkit.errors import LMKitError
+
+logger = logging.getLogger(__name__)
+
+TEXT, PROMPT_COMPLETION, CHAT = "text", "prompt_completion", "chat"
+ROLES = ("system", "user", "assistant")
+DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chatml.jinja"
+_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # chat markers such as <|im_start|> inside a template file
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and checking rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def detect_format(files: list[Path]) -> str:
+    """``"text"``, ``"prompt_completion"`` or ``"chat"``, from the first JSON row of the first file."""
+    if FORMATS[files[0].suffix.lower()] != "json":
+        return TEXT
+    for _, row in _json_rows(files[0], "--train_files"):
+        if isinstance(row, dict) and "messages" in row:
+            return CHAT
+        if isinstance(row, dict) and ("prompt" in row or "completion" in row):
+            return PROMPT_COMPLETION
+        return TEXT
+    return TEXT
+
+
+def read_sft_rows(files: list[Path], fmt: str, field: str) -> list[dict[str, Any]]:
+    """Every row of ``files``, checked against ``fmt``; the first bad row raises `LMKitError` naming file and line."""
+    rows = []
+    for file in files:
+        for where, row in _json_rows(file, field):
+            problem = _row_problem(row, fmt)
+            if problem:
+                raise LMKitError(f"{field} {file}:{where}: {problem}")
+            if fmt == CHAT:
+                rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+            else:
+                rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+    if not rows:
+        raise LMKitError(f"{field}: no examples in {', '.join(map(str, files))}")
+    return rows
+
+
+def _json_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
+    """(``"LINE"`` or ``"item N"``, parsed row) for a JSON-lines file or a file holding one JSON array."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            if f.read(1024).lstrip().startswith("["):
+                f.seek(0)
+                for i, row in enumerate(json.load(f)):
+                    yield f"item {i}", row
+                return
+            f.seek(0)
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise LMKitError(f"{field} {file}:{lineno}: not valid JSON ({err.msg})") from err
+                    yield str(lineno), row
+    except UnicodeDecodeError as err:
+        raise LMKitError(f"{field} {file}: not UTF-8 text") from err
+    except json.JSONDecodeError as err:
+        raise LMKitError(f"{field} {file}:{err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def _row_problem(row: Any, fmt: str) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if fmt == PROMPT_COMPLETION:
+        for key in ("prompt", "completion"):
+            if key not in row:
+                return f"no {key!r} field (every row needs 'prompt' and 'completion', as the first row has)"
+            if not isinstance(row[key], str):
+                return f"{key!r} is {type(row[key]).__name__}, not a string"
+        return None
+    if "messages" not in row:
+        return "no 'messages' field (every row needs 'messages', as the first row has)"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {'role', 'content'} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"message {i} needs 'role' and 'content'"
+        if message["role"] not in ROLES:
+            return f"message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+        if not isinstance(message["content"], str):
+            return f"message {i}: 'content' is {type(message['content']).__name__}, not a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no 'assistant' message: nothing to learn"
+    return None
+
+
+def load_sft_rows(data_args: DataArguments, seed: int) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """(format, {"train": rows, "validation": rows}) from ``--train_files`` / ``--validation_files``.
+
+    The format is ``"text"`` (and no rows) when the files hold raw text: load those with `lmkit.data` instead.
+    Without ``--validation_files``, ``--validation_split`` of the examples is held out at random with ``seed``.
+    """
+    if data_args.dataset_name is not None or not data_args.train_files:
+        return TEXT, {}
+    train_files = resolve_data_files(data_args.train_files, "--train_files")
+    fmt = detect_format(train_files)
+    if fmt == TEXT:
+        return TEXT, {}
+    splits = {"train": read_sft_rows(train_files, fmt, "--train_files")}
+    if data_args.validation_files:
+        val_files = resolve_data_files(data_args.validation_files, "--validation_files")
+        splits["validation"] = read_sft_rows(val_files, fmt, "--validation_files")
+    else:
+        rows, fraction = splits["train"], data_args.validation_split
+        n_val = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
+        if n_val and n_val >= len(rows):
+            raise LMKitError(f"--validation_split {fraction}: {len(rows)} example(s) are too few to hold some out")
+        order = np.random.default_rng(seed).permutation(len(rows))
+        splits["train"] = [rows[i] for i in np.sort(order[n_val:])]
+        splits["validation"] = [rows[i] for i in np.sort(order[:n_val])]
+    logger.info(
+        "SFT data (%s): %d train, %d validation examples", fmt, len(splits["train"]), len(splits["validation"])
+    )
+    return fmt, splits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_chat_template(path: str | None, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[str]]:
+    """(template text, chat markers it uses that the tokenizer lacks) for ``--chat_template``.
+
+    ``path`` None: the tokenizer's own template, else lmkit's default ChatML file. Markers like ``<|im_start|>``
+    in a template file become special tokens, so they are one token each (the caller adds them and resizes).
+    """
+    if path is None and tokenizer.chat_template:
+        return tokenizer.chat_template, []
+    file = Path(path).expanduser() if path else DEFAULT_CHAT_TEMPLATE
+    if not file.is_file():
+        raise LMKitError(f"--chat_template {path}: no such file")
+    template = file.read_text(encoding="utf-8")
+    vocab = tokenizer.get_vocab()
+    markers = [m for m in dict.fromkeys(_MARKER.findall(template)) if m not in vocab]
+    return template, markers
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant's content, if there is one.
+
+    Generation should stop there too (multi-turn examples end inner answers with it, not with EOS).
+    """
+    probe = "\x00probe\x00"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text.split(probe, 1)[-1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_answer) pieces: each assistant turn is an answer piece.
+
+    Works for any template that renders a conversation's prefix as a prefix of the whole (all common ones do):
+    the answer is render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True).
+    """
+
+    def render(msgs: list[dict[str, str]], prompt: bool = False) -> str:
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix, full = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise LMKitError(
+                "--chat_template: the template does not render a conversation's beginning as a prefix of the whole "
+                "conversation, so answer tokens cannot be told apart; use a prefix-stable template"
+            )
+        segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
+        done = full
+    rest = render(messages)[len(done) :]
+    if rest:
+        segments.append((rest, False))
+    return [s for s in segments if s[0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenize, mask, pack
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_example(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """One prompt/completion or chat row -> ``{"input_ids", "labels"}``; labels are -100 on unlearned tokens.
+
+    A chat row needs ``tokenizer.chat_template`` set. The example always ends in EOS, learned as the answer's end.
+    """
+    if "messages" in row:
+        pieces = [(tokenizer(text, add_special_tokens=False)["input_ids"], learn) for text, learn in
+                  _chat_segments(row["messages"], tokenizer)]  # fmt: skip
+    else:
+        prompt = tokenizer(row["prompt"])["input_ids"]  # with the tokenizer's usual leading specials (e.g. BOS)
+        pieces = [(prompt, False), (tokenizer(row["completion"], add_special_tokens=False)["input_ids"], True)]
+    eos = tokenizer.eos_token_id
+    if not pieces[-1][0] or pieces[-1][0][-1] != eos:
+        pieces.append(([eos], True))
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, learn in pieces:
+        input_ids += ids
+        labels += ids if (learn or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_sft_dataset(
+    rows: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    train_on_prompt: bool = False,
+    packing: bool = False,
+    split: str = "train",
+) -> Dataset:
+    """Tokenize and mask ``rows``, drop examples over ``block_size + 1`` tokens (logged), pack when asked."""
+    max_tokens = block_size + 1
+    examples = [tokenize_example(row, tokenizer, train_on_prompt) for row in rows]
+    kept = [e for e in examples if len(e["input_ids"]) <= max_tokens]
+    dropped = len(examples) - len(kept)
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d examples longer than --block_size + 1 = %d tokens",
+            split, dropped, len(examples), max_tokens,
+        )  # fmt: skip
+    if not kept:
+        raise LMKitError(f"{split}: every example is longer than --block_size + 1 = {max_tokens} tokens")
+    if packing:
+        kept = pack_examples(kept, max_tokens, tokenizer.pad_token_id)
+    logger.info("%s: %d examples -> %d rows%s", split, len(examples) - dropped, len(kept), " (packed)" * packing)
+    return Dataset.from_list(kept)
+
+
+def pack_examples(examples: list[dict[str, list[int]]], row_len: int, pad_token_id: int) -> list[dict[str, list[int]]]:
+    """Greedily fill rows of exactly ``row_len`` tokens with whole examples, in order; pad the rest.
+
+    Each example keeps its own ``position_ids`` (0, 1, ...), so attention (transformers finds the boundaries in
+    position_ids when there is no attention_mask) and rotary positions never cross examples. The first token of
+    each example is not a target (it would be predicted from the previous example), and padding forms its own run
+    of positions with no targets. All rows have the same length, so the collator adds no attention_mask.
+    """
+    rows: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+
+    def close() -> None:
+        free = row_len - len(current["input_ids"])
+        current["input_ids"] += [pad_token_id] * free
+        current["labels"] += [IGNORE_INDEX] * free
+        current["position_ids"] += list(range(free))
+        rows.append(current)
+
+    for example in examples:
+        n = len(example["input_ids"])
+        if len(current["input_ids"]) + n > row_len:
+            close()
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += example["input_ids"]
+        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        current["position_ids"] += list(range(n))
+    if current["input_ids"]:
+        close()
+    return rows
