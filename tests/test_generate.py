@@ -1,0 +1,117 @@
+"""Generation: KV cache changes nothing, left padding changes nothing, seeds reproduce, streaming, pipeline."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from _tiny_checkpoint import REPO, make_checkpoint
+from transformers import pipeline
+
+from lmkit.eval_args import GenerationArguments
+from lmkit.generation import encode_prompts, generate, generation_config
+
+PROMPTS = ["ROMEO:", "First Citizen: Before we", "O"]
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"lmkit_recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model, tok = make_checkpoint(path, run_files=False)
+    return path, model, tok
+
+
+def greedy(max_new_tokens: int = 24) -> GenerationArguments:
+    return GenerationArguments(prompt="x", temperature=0, max_new_tokens=max_new_tokens)
+
+
+def test_cached_and_uncached_greedy_outputs_are_identical(ckpt):
+    _, model, tok = ckpt
+    inputs = encode_prompts(PROMPTS, tok)  # left-padded batch: the cache must also respect the padding
+    config = generation_config(greedy(), tok)
+    with torch.no_grad():
+        cached = model.generate(**inputs, generation_config=config)
+        config.use_cache = False
+        uncached = model.generate(**inputs, generation_config=config)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 24
+    assert len({tuple(row[-24:].tolist()) for row in cached}) > 1  # not a degenerate constant output
+
+
+def test_left_padded_batch_equals_prompts_one_at_a_time(ckpt):
+    _, model, tok = ckpt
+    inputs = encode_prompts(PROMPTS, tok)
+    assert inputs["attention_mask"][2].tolist()[0] == 0 and inputs["input_ids"][2, -1] == tok.convert_tokens_to_ids(
+        "O"
+    )
+    config = generation_config(greedy(), tok)
+    batched = generate(model, tok, PROMPTS, config)
+    single = [generate(model, tok, [p], config)[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_sampling_options_and_seed(ckpt):
+    _, model, tok = ckpt
+    args = GenerationArguments(
+        prompt="x", temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=16
+    )
+    config = generation_config(args, tok)
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 20, 0.9)
+    assert config.repetition_penalty == 1.3 and config.use_cache and config.max_new_tokens == 16
+    first = generate(model, tok, PROMPTS, config, seed=3)
+    assert generate(model, tok, PROMPTS, config, seed=3) == first
+    assert generate(model, tok, PROMPTS, config, seed=4) != first
+    assert generation_config(greedy(), tok).do_sample is False
+
+
+def test_streaming_prints_prompt_and_completion(ckpt, capsys):
+    _, model, tok = ckpt
+    completion = generate(model, tok, ["ROMEO:"], generation_config(greedy(), tok), stream=True)[0]
+    assert capsys.readouterr().out == "ROMEO:" + completion + "\n"
+
+
+def test_text_generation_pipeline_loads_an_lmkit_checkpoint(ckpt):
+    path, model, tok = ckpt
+    generator = pipeline("text-generation", model=str(path))
+    out = generator("ROMEO:", max_new_tokens=24, do_sample=False, return_full_text=False)
+    assert out[0]["generated_text"] == generate(model, tok, ["ROMEO:"], generation_config(greedy(), tok))[0]
+
+
+def test_recipe_prompts_file_and_streamed_prompt(ckpt, tmp_path, capsys):
+    path, model, tok = ckpt
+    prompts_file, out_file = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts_file.write_text("\n".join(PROMPTS[:1] + [""] + PROMPTS[1:]) + "\n")  # blank lines are skipped
+    recipe = load_recipe("generate")
+    argv = ["--model", str(path), "--temperature", "0", "--max_new_tokens", "12", "--batch_size", "2"]
+    completions = recipe.main([*argv, "--prompts_file", str(prompts_file), "--output_file", str(out_file)])
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS and [r["completion"] for r in rows] == completions
+    assert completions == generate(model, tok, PROMPTS, generation_config(greedy(max_new_tokens=12), tok))
+    capsys.readouterr()
+    streamed = recipe.main([*argv, "--prompt", "ROMEO:"])
+    assert capsys.readouterr().out == "ROMEO:" + streamed[0] + "\n" and streamed[0] == completions[0]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], "exactly one of --prompt or --prompts_file"),
+        (["--prompt", "a", "--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--prompts_file", "EMPTY"], "no prompts"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, extra, expected):
+    path, _, _ = ckpt
+    (tmp_path / "empty.txt").write_text("\n\n")
+    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe("generate").main(["--model", str(path), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
