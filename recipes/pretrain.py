@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+from itertools import islice
 
 import torch
+from transformers import set_seed
 
 from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import DEFAULT_CONFIG, DataArguments, LMTrainingArguments, ModelArguments, parse_args
@@ -31,6 +33,7 @@ from lmkit.tokenizer import build_tokenizer
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger("lmkit.pretrain")
+STREAMING_TOKENIZER_DOCS = 100_000
 
 
 @main_entry
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raw = load_raw_datasets(data_args, seed=args.seed)
     with args.main_process_first(desc="tokenizer"):
         texts = (row["text"] for row in raw["train"])
+        if data_args.streaming:  # a stream may be endless: train the tokenizer on its first documents only
+            texts = islice(texts, STREAMING_TOKENIZER_DOCS)
         tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
     vocab_size = model_args.vocab_size or 64 * math.ceil(len(tokenizer) / 64)
     if len(tokenizer) > vocab_size:
@@ -62,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"--tokenizer {data_args.tokenizer} has {len(tokenizer)} tokens, more than the model's "
             f"--vocab_size {vocab_size}"
         )
-    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    # Streams are not split per rank here: accelerate dispatches an iterable dataset's batches from rank 0
+    # (dispatch_batches), so each rank still trains on disjoint data; a per-rank split would drop data.
+    datasets = build_lm_datasets(
+        raw, tokenizer, data_args, main_process_first=args.main_process_first, rank=0, world_size=1
+    )
 
     # -- model ------------------------------------------------------------------------------------------------
     config = LMConfig(
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = model_args.attn_implementation
+    set_seed(args.seed)  # the initial weights: the same flags give the same run
     model = LMForCausalLM(config)
     tokens_per_step = (
         args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size
