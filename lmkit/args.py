@@ -189,6 +189,13 @@ class LMTrainingArguments(TrainingArguments):
         default="\n", metadata={"help": "Prompt for the short sample printed after training; None skips it."}
     )
     sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={
+            "help": "Steps with a NaN/Inf loss or gradient are skipped; this many in a row stop the run "
+            "(the last checkpoint stays as it was)."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -201,6 +208,8 @@ class LMTrainingArguments(TrainingArguments):
                 problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             problems.append(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.max_nonfinite_steps < 1:
+            problems.append(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if problems:
             raise LMKitError("; ".join(problems))
         if not self.use_cpu and not torch.accelerator.is_available():
