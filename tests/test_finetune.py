@@ -1,0 +1,337 @@
+"""recipes/finetune.py end to end on tiny models the tests build: learning, LoRA, merge, resume, bad input."""
+
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+)
+
+from lmkit import LMConfig, LMForCausalLM
+from lmkit.args import LMTrainingArguments
+from lmkit.finetune import LabelsCollator, add_tokens, apply_lora, load_model, load_tokenizer
+from lmkit.finetune_args import FinetuneArguments
+from lmkit.sft import build_sft_dataset
+from lmkit.tokenizer import build_tokenizer
+from lmkit.trainer import LMTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+import finetune  # noqa: E402  (the recipe)
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz\n: "
+LETTERS = "abcdefg"
+QUIET = ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CPU is shared: one thread per test process is several times faster than two fighting threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def char_tokenizer():
+    return build_tokenizer("char", [ALPHABET])  # 32 tokens: 29 characters, eos, pad, unk
+
+
+@pytest.fixture(scope="module")
+def lmkit_base(tmp_path_factory):
+    """An untrained tiny lmkit model (64 embedding rows: a pretrain run rounds the vocab up) and its tokenizer."""
+    path = tmp_path_factory.mktemp("lmkit-base")
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    LMForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_hf_model(path: Path, kind: str, vocab_size: int | None = None) -> Path:
+    tok = char_tokenizer()
+    vocab_size = vocab_size or len(tok)
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False, eos_token_id=tok.eos_token_id)  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                            eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def reversal_task() -> tuple[list[str], list[str]]:
+    words = ["".join(p) for p in itertools.product(LETTERS, repeat=3)]  # 343 words
+    random.Random(0).shuffle(words)
+    return words[40:], words[:40]  # train, held out
+
+
+def reversal_rows(words):
+    return [{"prompt": f"reverse: {w}\n", "completion": w[::-1]} for w in words]
+
+
+def chat_rows(words):
+    return [
+        {"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+        for w in words
+    ]
+
+
+def exact_match(model_dir: Path, words: list[str]) -> float:
+    """Greedy generate() on held-out prompts; the decoded answer must equal the reversed word exactly."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hits = 0
+    for w in words:
+        inputs = tok(f"reverse: {w}\n", return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        hits += tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == w[::-1]
+    return hits / len(words)
+
+
+def run(*argv: str) -> dict:
+    return finetune.main([*map(str, argv), *QUIET])
+
+
+# -- learning ---------------------------------------------------------------------------------------------------
+
+
+def test_full_finetune_learns_to_reverse_held_out_words(lmkit_base, tmp_path):
+    train, held_out = reversal_task()
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(train))
+    before = exact_match(lmkit_base, held_out)
+    metrics = run(
+        "--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", tmp_path / "out",
+        "--block_size", 32, "--max_steps", 250, "--learning_rate", 3e-3, "--warmup_steps", 0.05,
+        "--per_device_train_batch_size", 32, "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", 50,
+    )  # fmt: skip
+    after = exact_match(tmp_path / "out", held_out)
+    print(f"reversal exact match on {len(held_out)} held-out words: before {before:.2f}, after {after:.2f}")
+    assert before <= 0.05
+    assert after >= 0.6
+    assert metrics["eval_loss"] < 0.5
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------------
+
+
+class FirstStepGrads(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_lora_with_checkpointing_trains_adapters_and_leaves_base_untouched(lmkit_base, tmp_path, use_reentrant):
+    tok, n_saved = load_tokenizer(str(lmkit_base))
+    model = load_model(str(lmkit_base))
+    add_tokens(model, tok, n_saved, [])
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = apply_lora(model, FinetuneArguments(use_lora=True, lora_dropout=0.0), activation_checkpointing=True)
+    train, _ = reversal_task()
+    args = LMTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
+        disable_tqdm=True, max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, warmup_steps=0,
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": use_reentrant},
+    )  # fmt: skip
+    catcher = FirstStepGrads(model)
+    trainer = LMTrainer(
+        model=model, args=args, train_dataset=build_sft_dataset(reversal_rows(train[:64]), tok, 32),
+        data_collator=LabelsCollator(pad_token_id=tok.pad_token_id), callbacks=[catcher],
+    )  # fmt: skip
+    trainer.train()
+    assert model.base_model.model.model.layers[0].gradient_checkpointing  # the layers really were checkpointed
+    lora_b = {n: g for n, g in catcher.grads.items() if "lora_B" in n}
+    assert len(lora_b) == 2 * 7  # every linear layer of both blocks (q k v o gate up down), not the LM head
+    assert all(g.abs().sum() > 0 for g in lora_b.values()), "no gradient reached some adapters"
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        torch.testing.assert_close(param, base[original], rtol=0, atol=0, msg=f"{name} changed")
+
+
+def test_lora_chat_on_llama_adds_markers_saves_adapter_and_merges(tmp_path):
+    base_dir = save_hf_model(tmp_path / "llama", "llama")  # 32-token vocab: the ChatML markers need new rows
+    train, _ = reversal_task()
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(train[:48]))
+    out = tmp_path / "out"
+    run(
+        "--model_name_or_path", base_dir, "--train_files", data, "--output_dir", out, "--use_lora", "true",
+        "--merge_lora", "true", "--packing", "true", "--activation_checkpointing", "true", "--block_size", 64,
+        "--max_steps", 4, "--learning_rate", 1e-2, "--per_device_train_batch_size", 4, "--save_strategy", "no",
+        "--eval_strategy", "no",
+    )  # fmt: skip
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 34 and tok.convert_tokens_to_ids("<|im_end|>") == 33
+    assert "<|im_start|>" in tok.chat_template
+    assert load_file(base_dir / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 32  # base untouched
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert merged.get_input_embeddings().num_embeddings == 34  # resized, new rows trained through the adapter
+    assert 33 in merged.generation_config.eos_token_id  # generation stops at the end-of-turn marker
+
+    from peft import PeftModel
+
+    base_tok, n_saved = load_tokenizer(str(base_dir))
+    base = load_model(str(base_dir))
+    add_tokens(base, base_tok, n_saved, ["<|im_start|>", "<|im_end|>"])
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "reverse abc"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out).eval()
+        adapter_logits = adapted(ids).logits
+        merged_logits = merged(ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-3)  # the adapter did learn something
+
+
+# -- starting points, text, resume ------------------------------------------------------------------------------
+
+
+def test_gpt2_folder_full_finetune(tmp_path):
+    base_dir = save_hf_model(tmp_path / "gpt2", "gpt2")
+    train, _ = reversal_task()
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(train[:32]))
+    metrics = run(
+        "--model_name_or_path", base_dir, "--train_files", data, "--output_dir", tmp_path / "out", "--block_size", 32,
+        "--max_steps", 3, "--per_device_train_batch_size", 8, "--save_strategy", "no", "--eval_strategy", "no",
+    )  # fmt: skip
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "gpt2"
+
+
+def test_text_files_continue_pretraining(lmkit_base, tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"the {w} is a word" for w in reversal_task()[0][:200]))
+    metrics = run(
+        "--model_name_or_path", lmkit_base, "--train_files", tmp_path / "corpus.txt", "--output_dir", tmp_path / "out",
+        "--block_size", 32, "--max_steps", 3, "--save_strategy", "no", "--eval_strategy", "no",
+    )  # fmt: skip
+    assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_resume_auto_and_start_from_checkpoint_n(lmkit_base, tmp_path):
+    train, _ = reversal_task()
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(train[:64]))
+    out = tmp_path / "out"
+    common = ["--train_files", data, "--block_size", 32, "--per_device_train_batch_size", 8, "--eval_strategy", "no",
+              "--save_steps", 2]  # fmt: skip
+    run("--model_name_or_path", lmkit_base, "--output_dir", out, "--max_steps", 2, *common)
+    assert (out / "checkpoint-2" / "config.json").is_file()
+    run("--model_name_or_path", lmkit_base, "--output_dir", out, "--max_steps", 4, "--resume_from_checkpoint", "auto",
+        *common)  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and (out / "checkpoint-4").is_dir()
+    # A checkpoint-N folder is a starting point of its own (model and tokenizer inside).
+    run("--model_name_or_path", out / "checkpoint-4", "--output_dir", tmp_path / "again", "--max_steps", 1, *common)
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+def _bad_cases(tmp: Path, lmkit_base: Path) -> dict[str, tuple[list, str]]:
+    good = write_jsonl(tmp / "good.jsonl", reversal_rows(["abc", "bcd", "cde"]))
+    missing = write_jsonl(tmp / "missing.jsonl", [*reversal_rows(["abc", "bcd"]), {"prompt": "x"}])
+    role = write_jsonl(
+        tmp / "role.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}]
+    )
+    (tmp / "empty-ckpt").mkdir()
+    mismatch = save_hf_model(tmp / "mismatch", "llama", vocab_size=16)  # its tokenizer has 32 tokens
+    return {
+        "no-config": (["--model_name_or_path", tmp / "empty-ckpt", "--train_files", good], "no config.json"),
+        "vocab-mismatch": (
+            ["--model_name_or_path", mismatch, "--train_files", good],
+            "the tokenizer has 32 tokens but the model's embedding has only 16 rows",
+        ),
+        "missing-completion": (
+            ["--model_name_or_path", lmkit_base, "--train_files", missing],
+            "missing.jsonl:3: no 'completion' field",
+        ),
+        "unknown-role": (
+            ["--model_name_or_path", lmkit_base, "--train_files", role],
+            "role.jsonl:1: message 1 has unknown role 'robot'",
+        ),
+        "lora-targets": (
+            [
+                "--model_name_or_path",
+                lmkit_base,
+                "--train_files",
+                good,
+                "--use_lora",
+                "true",
+                "--lora_target_modules",
+                "qkv",
+                "q_proj",
+            ],
+            "--lora_target_modules qkv: no such module in the model; its linear layers are down_proj, gate_proj, "
+            "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        ),  # fmt: skip
+        "qlora-on-cpu": (
+            ["--model_name_or_path", lmkit_base, "--train_files", good, "--load_in_4bit", "true"],
+            "--load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes",
+        ),
+    }
+
+
+CASES = ["no-config", "vocab-mismatch", "missing-completion", "unknown-role", "lora-targets", "qlora-on-cpu"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(lmkit_base, tmp_path, capsys, case):
+    if case == "qlora-on-cpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA machine can run QLoRA")
+    argv, message = _bad_cases(tmp_path, lmkit_base)[case]
+    out = tmp_path / "out"
+    capsys.readouterr()  # drop what building the fixtures printed
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv, "--output_dir", out, "--block_size", 32)
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' load progress bar may precede it)
+    assert last_line.startswith("lmkit: error: ")
+    assert message in last_line
+    assert not out.exists()
+
+
+def test_finished_output_dir_is_not_overwritten(lmkit_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    data = write_jsonl(tmp_path / "good.jsonl", reversal_rows(["abc", "bcd", "cde"]))
+    with pytest.raises(SystemExit):
+        run("--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", out)
+    assert "already holds a finished model" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
