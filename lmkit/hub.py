@@ -350,7 +350,7 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
+        ax.plot(*zip(*train, strict=True), marker="." if len(train) < 30 else None, label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
