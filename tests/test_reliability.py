@@ -1,0 +1,456 @@
+"""lmkit.reliability: exact resume, crash-safe checkpoints, SIGTERM/SIGINT, non-finite guard, output safety, secrets.
+
+Most tests drive `LMTrainer` in-process on a 2-layer model over random token blocks (a run takes ~1 s); a process
+"killed" mid-save is simulated by raising a `BaseException` that no clean-up code catches, which leaves the disk
+exactly as SIGKILL would. The recipe itself (subprocesses, real signals) is covered at the end and in test_soak.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from safetensors.torch import load_file
+from transformers import TrainerCallback, set_seed
+
+from lmkit import LMConfig, LMForCausalLM, reliability
+from lmkit.args import LMTrainingArguments
+from lmkit.collator import CausalLMCollator
+from lmkit.errors import LMKitError
+from lmkit.runtime import check_output_dir, resolve_resume_checkpoint
+from lmkit.trainer import LMTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 64
+N_BLOCKS = 96  # 96 blocks / (4 x 2 accumulation) = 12 optimizer steps per epoch
+
+
+def blocks(n: int = N_BLOCKS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (n, 17), generator=g).tolist()
+
+
+def map_dataset() -> Dataset:
+    return Dataset.from_dict({"input_ids": blocks()})
+
+
+def _stream(rows):
+    yield from ({"input_ids": r} for r in rows)
+
+
+def stream_dataset() -> IterableDataset:
+    return IterableDataset.from_generator(_stream, gen_kwargs={"rows": blocks(400)})
+
+
+def make_trainer(out: Path, dataset=None, callbacks=(), eval_dataset=None, **overrides) -> LMTrainer:
+    defaults = dict(
+        output_dir=str(out), report_to="none", use_cpu=True, eval_strategy="no", disable_tqdm=True, seed=7,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=30, save_steps=5, logging_steps=1,
+        learning_rate=3e-3, warmup_steps=3, save_total_limit=None, bf16=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    args = LMTrainingArguments(**{**defaults, **overrides})
+    set_seed(0)
+    config = LMConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, loss_chunk_size=0,
+    )  # fmt: skip
+    return LMTrainer(
+        model=LMForCausalLM(config),
+        args=args,
+        train_dataset=map_dataset() if dataset is None else dataset,
+        eval_dataset=eval_dataset,
+        data_collator=CausalLMCollator(pad_token_id=0),
+        callbacks=list(callbacks),
+    )
+
+
+def losses(trainer: LMTrainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+def weights(trainer: LMTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class SignalAt(TrainerCallback):
+    """Sends ``signum`` to this process during optimizer step ``step`` (before its backward pass ends)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+_REFERENCE: dict[str, tuple] = {}
+
+
+def reference(tmp_path_factory, kind: str = "map"):
+    """One uninterrupted run per dataset kind, shared by the tests (losses per step, final weights)."""
+    if kind not in _REFERENCE:
+        out = tmp_path_factory.mktemp(f"ref-{kind}")
+        trainer = make_trainer(out, stream_dataset() if kind == "stream" else None, save_strategy="no")
+        trainer.train()
+        _REFERENCE[kind] = (losses(trainer), weights(trainer))
+    return _REFERENCE[kind]
+
+
+# -- 1 + 3: exact resume after SIGTERM / SIGINT ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, signum, stop_step",
+    [("map", signal.SIGTERM, 13), ("map", signal.SIGINT, 7), ("stream", signal.SIGTERM, 11)],
+)
+def test_signal_checkpoints_and_resume_is_exact(tmp_path, tmp_path_factory, capfd, kind, signum, stop_step):
+    # Step 13 is the first step of epoch 2 (12 steps per epoch) and not a save step: the checkpoint comes from the
+    # signal. Losses and weights after resuming with `auto` equal the uninterrupted run's bit for bit.
+    ref_losses, ref_weights = reference(tmp_path_factory, kind)
+    data = (lambda: stream_dataset()) if kind == "stream" else (lambda: None)
+    trainer = make_trainer(tmp_path, data(), callbacks=[SignalAt(stop_step, signum)])
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.train()
+    assert exit_info.value.code == 128 + signum
+    message = capfd.readouterr().err.strip().splitlines()[-1]
+    assert f"stopped by {signal.Signals(signum).name} at step {stop_step}/30" in message
+    assert "--resume_from_checkpoint auto" in message
+    assert (tmp_path / f"checkpoint-{stop_step}" / "trainer_state.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    args = trainer.args
+    args.resume_from_checkpoint = "auto"
+    resume_from = resolve_resume_checkpoint(args)
+    assert resume_from == str(tmp_path / f"checkpoint-{stop_step}")
+    resumed = make_trainer(tmp_path, data())
+    resumed.train(resume_from_checkpoint=resume_from)
+    assert losses(resumed) == ref_losses
+    assert_same_weights(weights(resumed), ref_weights)
+
+
+def test_resume_from_every_checkpoint_path_is_exact(tmp_path, tmp_path_factory):
+    # Resuming from an explicit path at several points (mid-epoch, epoch boundary, late) gives the same run.
+    ref_losses, ref_weights = reference(tmp_path_factory)
+    make_trainer(tmp_path / "run").train()
+    for step in (5, 10, 25):
+        out = tmp_path / f"from-{step}"
+        resumed = make_trainer(out)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{step}"))
+        assert losses(resumed) == ref_losses, step
+        assert_same_weights(weights(resumed), ref_weights)
+
+
+def test_resume_skips_batches_without_reading_them(tmp_path):
+    # Map-style data: the Trainer's skip_first_batches skips *indices* (accelerate's SkipBatchSampler), so resuming
+    # at step k never loads the k x accumulation x batch rows it passes over.
+    make_trainer(tmp_path / "run", max_steps=10).train()
+    reads = []
+
+    class Counting(Dataset):
+        def __getitem__(self, key):
+            reads.append(key)
+            return super().__getitem__(key)
+
+    counting = Counting(map_dataset().data)
+    resumed = make_trainer(tmp_path / "resumed", counting, max_steps=11)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-10"))
+    n_rows = sum(len(k) if isinstance(k, list) else 1 for k in reads)
+    # One optimizer step reads 2 micro-batches of 4 rows (plus one batch the loader prefetches), not the 80 rows
+    # that come before it.
+    assert n_rows <= 3 * 4
+
+
+# -- 2: crash-safe checkpoints ---------------------------------------------------------------------------------
+
+
+class StopAt(TrainerCallback):
+    """Ends the run after optimizer step ``step`` (a save step), as if the machine went away there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: no `except Exception` clean-up runs, whatever was on disk stays there."""
+
+
+WRITE_POINTS = [
+    ("safetensors.torch", "save_file"),
+    ("torch", "save"),
+    ("transformers.trainer_callback.TrainerState", "save_to_json"),
+    ("lmkit.reliability", "_fsync_tree"),
+    ("lmkit.reliability.os", "rename"),
+    ("lmkit.reliability", "rotate_checkpoints"),
+]
+
+
+def _kill_at(monkeypatch, n: int, after: bool) -> None:
+    """Patch every write point of a save; the n-th call (counting all of them) dies before or after running."""
+    calls = [0]
+    import importlib
+
+    for module_path, name in WRITE_POINTS:
+        try:
+            owner = importlib.import_module(module_path)
+        except ModuleNotFoundError:
+            module, _, cls = module_path.rpartition(".")
+            owner = getattr(importlib.import_module(module), cls)
+        real = getattr(owner, name)
+
+        def wrapped(*a, _real=real, **kw):
+            calls[0] += 1
+            if calls[0] == n and not after:
+                raise Killed
+            result = _real(*a, **kw)
+            if calls[0] == n and after:
+                raise Killed
+            return result
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("n", range(1, 12))
+def test_kill_during_save_never_exposes_a_broken_checkpoint(tmp_path, tmp_path_factory, monkeypatch, n):
+    # Die at the n-th write of the save at step 10 (before or after it; the save at step 5 went through), then
+    # resume with `auto`: the newest visible checkpoint always loads, and the run ends exactly like the reference.
+    ref_losses, ref_weights = reference(tmp_path_factory)
+    make_trainer(tmp_path, callbacks=[StopAt(5)]).train()  # checkpoint-5, complete
+    with monkeypatch.context() as m:
+        _kill_at(m, (n + 1) // 2, after=n % 2 == 0)
+        with pytest.raises(Killed):
+            make_trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    visible = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    for name in visible:
+        assert reliability.checkpoint_problem(tmp_path / name) is None, name
+    args = LMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="auto", report_to="none")
+    resume_from = resolve_resume_checkpoint(args)
+    assert resume_from in (str(tmp_path / "checkpoint-5"), str(tmp_path / "checkpoint-10"))
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=resume_from)
+    assert not list(tmp_path.glob(".tmp-*"))  # the stale staging folder was cleared
+    assert losses(resumed) == ref_losses
+    assert_same_weights(weights(resumed), ref_weights)
+
+
+def test_auto_skips_incomplete_and_corrupted_checkpoints(tmp_path):
+    make_trainer(tmp_path, max_steps=10).train()
+    newest = tmp_path / "checkpoint-10"
+    (tmp_path / "checkpoint-15").mkdir()  # e.g. written by a tool without staging, killed early
+    (tmp_path / "checkpoint-15" / "model.safetensors").write_bytes(b"\0" * 10)
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])  # truncated
+    args = LMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="auto", report_to="none")
+    assert resolve_resume_checkpoint(args) == str(tmp_path / "checkpoint-5")
+    args.resume_from_checkpoint = str(newest)
+    with pytest.raises(LMKitError, match=r"checkpoint-10: model.safetensors is corrupted"):
+        resolve_resume_checkpoint(args)
+
+
+def test_disk_full_during_save_leaves_last_checkpoint(tmp_path, monkeypatch):
+    make_trainer(tmp_path, max_steps=5).train()
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("torch.save", full)
+    with pytest.raises(LMKitError, match=r"could not write checkpoint-10 \(no space left on device\).*checkpoint-5"):
+        make_trainer(tmp_path, max_steps=30).train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) == ["checkpoint-5"]
+
+
+# -- 4: non-finite loss / gradient ----------------------------------------------------------------------------
+
+
+class Poison(TrainerCallback):
+    """Makes the gradient of the given optimizer steps NaN (after backward, before the guard looks)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps:
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=8, save_strategy="no")
+    # The poisoner must run before the guard: put it first.
+    trainer.callback_handler.callbacks.insert(0, Poison({3, 4, 6}))
+    before = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            before[state.global_step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    for step in (3, 4, 6):  # a skipped step leaves the weights (and AdamW's moments) untouched
+        assert_same_weights(before[step], before[step - 1])
+    assert not all(torch.equal(before[5][k], before[4][k]) for k in before[5])
+    assert all(torch.isfinite(v).all() for v in weights(trainer).values())
+    logged = [e["nonfinite_skipped"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == [0, 0, 1, 2, 2, 3, 3, 3]
+    state = trainer.optimizer.state[next(trainer.model.parameters())]
+    assert int(state["step"]) == 5  # 8 steps, 3 skipped
+
+
+def test_nonfinite_loss_in_a_row_stops_with_message(tmp_path):
+    make_trainer(tmp_path, max_steps=5).train()
+    snapshot = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()}
+    trainer = make_trainer(tmp_path, max_steps=30, max_nonfinite_steps=3)
+
+    def nan_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        return LMTrainer.compute_loss(trainer, model, inputs, num_items_in_batch=num_items_in_batch) * float("nan")
+
+    trainer.compute_loss = nan_loss
+    with pytest.raises(
+        LMKitError, match=r"stopped at step 8: 3 consecutive steps.*--max_nonfinite_steps 3.*checkpoint-5"
+    ):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()} == snapshot
+
+
+# -- 5: output safety ------------------------------------------------------------------------------------------
+
+
+def test_save_total_limit_keeps_newest_and_best(tmp_path):
+    trainer = make_trainer(
+        tmp_path, max_steps=20, save_total_limit=1, eval_strategy="steps", eval_steps=5,
+        metric_for_best_model="loss", greater_is_better=True, eval_dataset=map_dataset().select(range(8)),
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert "checkpoint-20" in kept  # the newest survives the end-of-training clean-up
+    assert best is not None and Path(best).name in kept and Path(best).parent == tmp_path
+    assert Path(best).name != "checkpoint-20"  # highest eval loss: an early one, so both must be kept
+    for name in kept:
+        assert reliability.checkpoint_problem(tmp_path / name) is None
+
+
+def test_finished_model_is_not_overwritten(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="no")
+    trainer.train()
+    trainer.save_model()
+    assert (tmp_path / "config.json").is_file() and not list(tmp_path.glob(".tmp-*"))
+    for resume in (None, "auto"):  # auto with no checkpoint to continue would start over: refused too
+        args = LMTrainingArguments(output_dir=str(tmp_path), report_to="none", resume_from_checkpoint=resume)
+        with pytest.raises(LMKitError, match="already holds a finished model.*--overwrite_output_dir"):
+            check_output_dir(args)
+    args = LMTrainingArguments(output_dir=str(tmp_path), report_to="none", overwrite_output_dir=True)
+    check_output_dir(args)
+
+
+# -- 6: security -----------------------------------------------------------------------------------------------
+
+
+def test_no_pickle_loading_without_weights_only():
+    # lmkit never calls torch.load; the Trainer's own loads of optimizer/scheduler/RNG/scaler state all pass
+    # weights_only=True (transformers 5), and model weights are read only from safetensors.
+    import ast
+
+    import transformers.trainer as trainer_module
+
+    def unsafe_loads(path: Path) -> tuple[int, list[int]]:
+        loads = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
+        ]
+        safe = [
+            n for n in loads if any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in n.keywords)
+        ]
+        return len(loads), [n.lineno for n in loads if n not in safe]
+
+    for path in [*(REPO / "lmkit").rglob("*.py"), *(REPO / "recipes").glob("*.py")]:
+        assert unsafe_loads(path)[1] == [], path
+    n_loads, unsafe = unsafe_loads(Path(trainer_module.__file__))
+    assert n_loads >= 8 and unsafe == []
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    make_trainer(tmp_path, max_steps=5).train()
+    ckpt = tmp_path / "checkpoint-5"
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    args = LMTrainingArguments(output_dir=str(tmp_path), report_to="none", resume_from_checkpoint=str(ckpt))
+    with pytest.raises(LMKitError, match="pickle.*only loads safetensors"):
+        resolve_resume_checkpoint(args)
+
+
+def test_secrets_never_written(tmp_path):
+    # A whole recipe run with a fake token in the environment and on the command line (--hub_token): not one
+    # byte of it in any file the run writes (checkpoints, final model, trainer state, pickled args) or its logs.
+    fake = "hf_FAKEsecretTOKEN1234567890abcdef"
+    env = {**os.environ, "HF_TOKEN": fake, "HUGGING_FACE_HUB_TOKEN": fake, "OMP_NUM_THREADS": "1"}
+    data = tmp_path / "corpus.txt"
+    data.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "recipes" / "pretrain.py"), "--train_files", str(data), "--tokenizer", "char",
+        "--block_size", "16", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--max_position_embeddings", "16", "--per_device_train_batch_size", "4", "--max_steps", "6",
+        "--save_steps", "3", "--eval_strategy", "no", "--eval_on_start", "false", "--report_to", "tensorboard",
+        "--sample_prompt", "", "--bf16", "false", "--output_dir", str(out), "--hub_token", fake,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in written) and any("tfevents" in p.name for p in written)
+    for path in written:
+        assert fake.encode() not in path.read_bytes(), path
+    assert fake.encode() not in proc.stdout + proc.stderr
+
+
+# -- the recipe end to end: a real SIGTERM -----------------------------------------------------------------------
+
+
+def test_recipe_sigterm_then_resume(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "recipes" / "pretrain.py"), "--train_files", str(data), "--tokenizer", "char",
+        "--block_size", "16", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--max_position_embeddings", "16", "--per_device_train_batch_size", "4", "--max_steps", "400",
+        "--save_steps", "1000", "--logging_steps", "1", "--eval_strategy", "no", "--eval_on_start", "false",
+        "--report_to", "none", "--sample_prompt", "", "--bf16", "false", "--output_dir", str(out),
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the printer callback writes one dict per logged step
+        if "'loss'" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("lmkit: stopped by SIGTERM at step ") and "--resume_from_checkpoint auto" in message
+    (ckpt,) = out.glob("checkpoint-*")
+    assert reliability.checkpoint_problem(ckpt) is None
+    assert not (out / "config.json").exists()  # no finished model: the run did not finish
+    steps = str(reliability.checkpoint_step(ckpt) + 2)
+    resume = [*cmd, "--max_steps", steps, "--resume_from_checkpoint", "auto"]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == reliability.checkpoint_step(ckpt) + 2
