@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_result = trainer.train(resume_from_checkpoint=resume_from)
 
     # -- save and evaluate ------------------------------------------------------------------------------------
+    model.config.use_cache = True  # the Trainer turned the KV cache off for training; the saved model generates
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
