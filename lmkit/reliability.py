@@ -207,7 +207,7 @@ def _is_write_error(err: BaseException) -> bool:
 
 def _write_error(what: str, where: Path, err: BaseException, latest: Path | None) -> LMKitError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "no space left" in str(err).lower():
         reason = "no space left on device"
     keep = f"the last complete checkpoint is {latest}" if latest else "no complete checkpoint exists yet"
     return LMKitError(
