@@ -67,7 +67,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[PreTrain
     except (OSError, ValueError, TypeError) as err:
         raise LMKitError(
             f"--model_name_or_path {spec}: could not load its tokenizer ({type(err).__name__}: {err}); "
-            "pass --tokenizer PATH"
+            "pass --tokenizer PATH if it lives elsewhere"
         ) from err
     n_saved = len(tokenizer)
     if tokenizer.eos_token is None:
