@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import sys
+from dataclasses import fields
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ def setup_logging(args: TrainingArguments) -> None:
     import datasets
     import transformers
 
-    level = args.get_process_log_level()
+    level = args.get_process_log_level()  # "passive": transformers' default, WARNING
+    # lmkit's own start-up report and progress notes are INFO: shown on the main process unless asked otherwise.
+    lmkit_level = logging.INFO if args.should_log and args.log_level == "passive" else level
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout, level=level
     )
-    logging.getLogger("lmkit").setLevel(level)
+    logging.getLogger("lmkit").setLevel(lmkit_level)
     transformers.utils.logging.set_verbosity(level)
     datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
 
@@ -64,6 +67,14 @@ def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
     for group in dataclasses:
         shown = {k: "<redacted>" if k.endswith("_token") and v else v for k, v in vars(group).items()}
         logger.info("%s: %s", type(group).__name__, {k: v for k, v in shown.items() if not k.startswith("_")})
+    # TrainingArguments has ~150 fields: show the ones this run sets away from transformers' defaults.
+    reference = TrainingArguments(output_dir=args.output_dir, use_cpu=args.use_cpu)
+    changed = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainingArguments)
+        if f.init and not f.name.endswith("_token") and getattr(args, f.name) != getattr(reference, f.name, None)
+    }
+    logger.info("TrainingArguments (non-default): %s", changed)
 
 
 def check_output_dir(args: TrainingArguments) -> None:
