@@ -52,7 +52,7 @@ def stream_dataset() -> IterableDataset:
 def make_trainer(out: Path, dataset=None, callbacks=(), eval_dataset=None, **overrides) -> LMTrainer:
     defaults = dict(
         output_dir=str(out), report_to="none", use_cpu=True, eval_strategy="no", disable_tqdm=True, seed=7,
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=30, save_steps=5, logging_steps=1,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=20, save_steps=5, logging_steps=1,
         learning_rate=3e-3, warmup_steps=3, save_total_limit=None, bf16=False, dataloader_num_workers=0,
     )  # fmt: skip
     args = LMTrainingArguments(**{**defaults, **overrides})
@@ -126,7 +126,7 @@ def test_signal_checkpoints_and_resume_is_exact(tmp_path, tmp_path_factory, capf
         trainer.train()
     assert exit_info.value.code == 128 + signum
     message = capfd.readouterr().err.strip().splitlines()[-1]
-    assert f"stopped by {signal.Signals(signum).name} at step {stop_step}/30" in message
+    assert f"stopped by {signal.Signals(signum).name} at step {stop_step}/20" in message
     assert "--resume_from_checkpoint auto" in message
     assert (tmp_path / f"checkpoint-{stop_step}" / "trainer_state.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
@@ -145,7 +145,7 @@ def test_resume_from_every_checkpoint_path_is_exact(tmp_path, tmp_path_factory):
     # Resuming from an explicit path at several points (mid-epoch, epoch boundary, late) gives the same run.
     ref_losses, ref_weights = reference(tmp_path_factory)
     make_trainer(tmp_path / "run").train()
-    for step in (5, 10, 25):
+    for step in (5, 10, 15):
         out = tmp_path / f"from-{step}"
         resumed = make_trainer(out)
         resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{step}"))
@@ -448,9 +448,5 @@ def test_recipe_sigterm_then_resume(tmp_path):
     (ckpt,) = out.glob("checkpoint-*")
     assert reliability.checkpoint_problem(ckpt) is None
     assert not (out / "config.json").exists()  # no finished model: the run did not finish
-    steps = str(reliability.checkpoint_step(ckpt) + 2)
-    resume = [*cmd, "--max_steps", steps, "--resume_from_checkpoint", "auto"]
-    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == reliability.checkpoint_step(ckpt) + 2
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == reliability.checkpoint_step(ckpt) >= 1  # resuming it: test_soak.py
