@@ -450,3 +450,15 @@ def test_recipe_sigterm_then_resume(tmp_path):
     assert not (out / "config.json").exists()  # no finished model: the run did not finish
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == reliability.checkpoint_step(ckpt) >= 1  # resuming it: test_soak.py
+
+
+def test_trust_remote_code_is_off_unless_passed():
+    from lmkit.args import ModelArguments, parse_args
+    from lmkit.eval_args import CheckpointArguments
+
+    (model_args,) = parse_args((ModelArguments,), argv=[])
+    assert model_args.trust_remote_code is False
+    (ckpt,) = parse_args((CheckpointArguments,), argv=["--model", "x"])
+    assert ckpt.trust_remote_code is False
+    (model_args,) = parse_args((ModelArguments,), argv=["--trust_remote_code", "true"])
+    assert model_args.trust_remote_code is True
