@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,23 +57,6 @@ EVAL_FILES = ("evaluation.json", "eval_results.json")  # lmkit's evaluate.py, th
 # ---------------------------------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def setup_logging(level: int | str = logging.INFO) -> None:
-    """Logs (lmkit's, transformers', datasets') to stdout and no progress bars, for the evaluate / generate /
-    publish recipes: stderr then carries nothing but a failure's one-line message."""
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, stream=sys.stdout
-    )
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.enable_propagation()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def check_model_dir(spec: str) -> Path | None:

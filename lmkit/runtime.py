@@ -6,8 +6,8 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import fields
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,23 @@ def setup_logging(args: TrainingArguments) -> None:
     logging.getLogger("lmkit").setLevel(lmkit_level)
     transformers.utils.logging.set_verbosity(level)
     datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+
+
+def setup_tool_logging(level: int | str = logging.INFO) -> None:
+    """Logs (lmkit's, transformers', datasets') to stdout and no progress bars, for the evaluate / generate /
+    publish recipes: stderr then carries nothing but a failure's one-line message."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, stream=sys.stdout
+    )
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
@@ -159,3 +176,20 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
 def world_info() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
+    """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    base.config.use_cache = True  # the Trainer turned the cache off for training; the saved model generates
+    trainer.save_model()
+    if trainer.is_world_process_zero() and getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(trainer.args.output_dir)  # an adapter save omits it
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    return metrics

@@ -28,7 +28,8 @@ from lmkit.data import _load_files, resolve_data_files  # noqa: E402
 from lmkit.errors import LMKitError, main_entry  # noqa: E402
 from lmkit.eval_args import CheckpointArguments, EvaluationArguments  # noqa: E402
 from lmkit.evaluation import evaluate_stream, token_stream  # noqa: E402
-from lmkit.hub import check_model_dir, load_checkpoint, load_config, setup_logging  # noqa: E402
+from lmkit.hub import check_model_dir, load_checkpoint, load_config  # noqa: E402
+from lmkit.runtime import setup_tool_logging  # noqa: E402
 
 logger = logging.getLogger("lmkit.evaluate")
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ckpt: CheckpointArguments
     eval_args: EvaluationArguments
     ckpt, eval_args = parse_args((CheckpointArguments, EvaluationArguments), argv=argv)
-    setup_logging(logging.INFO)
+    setup_tool_logging(logging.INFO)
     # Everything that can be checked without the weights is checked first, so bad input fails fast.
     model_dir = check_model_dir(ckpt.model)
     files = resolve_data_files(eval_args.files, "--files")

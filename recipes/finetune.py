@@ -33,7 +33,14 @@ from lmkit.finetune import (
     resolve_starting_point,
 )
 from lmkit.finetune_args import FinetuneArguments
-from lmkit.runtime import check_output_dir, log_startup, num_parameters, resolve_resume_checkpoint, setup_logging
+from lmkit.runtime import (
+    check_output_dir,
+    log_startup,
+    num_parameters,
+    resolve_resume_checkpoint,
+    save_and_evaluate,
+    setup_logging,
+)
 from lmkit.sft import CHAT, TEXT, build_sft_dataset, end_of_turn_token, load_sft_rows, resolve_chat_template
 from lmkit.trainer import LMTrainer
 
@@ -118,15 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_result = trainer.train(resume_from_checkpoint=resume_from)
 
     # -- save and evaluate ------------------------------------------------------------------------------------
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        model.generation_config.save_pretrained(args.output_dir)  # a LoRA save writes only the adapter
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer.save_state()
+    metrics = save_and_evaluate(trainer, train_result)
     if ft_args.merge_lora and trainer.is_world_process_zero():
         merge_lora(
             spec,

@@ -27,6 +27,7 @@ from lmkit.runtime import (
     log_startup,
     num_parameters,
     resolve_resume_checkpoint,
+    save_and_evaluate,
     setup_logging,
 )
 from lmkit.tokenizer import build_tokenizer
@@ -108,14 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_result = trainer.train(resume_from_checkpoint=resume_from)
 
     # -- save and evaluate ------------------------------------------------------------------------------------
-    model.config.use_cache = True  # the Trainer turned the KV cache off for training; the saved model generates
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer.save_state()
+    metrics = save_and_evaluate(trainer, train_result)
 
     if args.sample_prompt and trainer.is_world_process_zero():
         print_sample(args.output_dir, tokenizer, args.sample_prompt, args.sample_max_new_tokens)

@@ -27,9 +27,9 @@ from lmkit.hub import (
     default_export_dir,
     export_model,
     resolve_token,
-    setup_logging,
     upload,
 )
+from lmkit.runtime import setup_tool_logging
 
 logger = logging.getLogger("lmkit.publish")
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt: CheckpointArguments
     pub: PublishArguments
     ckpt, pub = parse_args((CheckpointArguments, PublishArguments), argv=argv)
-    setup_logging(logging.INFO)
+    setup_tool_logging(logging.INFO)
     check_repo_id(pub.repo_id)
     check_model_dir(ckpt.model)
     token = None if pub.dry_run else resolve_token()

@@ -1,6 +1,5 @@
 """Evaluation: same loss as the trainer's eval, exact sliding window, bits per byte, recipe and bad input."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,6 +9,7 @@ import evaluate
 import pytest
 import torch
 import torch.nn.functional as F
+from _recipes import load_recipe
 from _tiny_checkpoint import REPO, TEXT, make_checkpoint
 
 from lmkit.args import DataArguments, LMTrainingArguments
@@ -17,13 +17,6 @@ from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.evaluation import METRIC_PATH, evaluate_stream, sliding_windows, token_stream
 from lmkit.trainer import LMTrainer
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"lmkit_recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _recipes import load_recipe
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -27,8 +27,7 @@ from lmkit.sft import build_sft_dataset
 from lmkit.tokenizer import build_tokenizer
 from lmkit.trainer import LMTrainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-import finetune  # noqa: E402  (the recipe)
+finetune = load_recipe("finetune")
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz\n: "
 LETTERS = "abcdefg"

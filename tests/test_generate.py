@@ -1,24 +1,17 @@
 """Generation: KV cache changes nothing, left padding changes nothing, seeds reproduce, streaming, pipeline."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
-from _tiny_checkpoint import REPO, make_checkpoint
+from _recipes import load_recipe
+from _tiny_checkpoint import make_checkpoint
 from transformers import pipeline
 
 from lmkit.eval_args import GenerationArguments
 from lmkit.generation import encode_prompts, generate, generation_config
 
 PROMPTS = ["ROMEO:", "First Citizen: Before we", "O"]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"lmkit_recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

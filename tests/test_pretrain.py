@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _recipes import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
-import pretrain  # noqa: E402
+pretrain = load_recipe("pretrain")
 
 # A tiny, fast variant of the default run: same code path, smaller everything.
 FAST = [

@@ -1,7 +1,6 @@
 """Publishing: the folder loads without lmkit, the llama export is plain Llama, the card carries the metrics,
 dry runs need no token, a failed upload is one line and leaves the folder, and the token never lands anywhere."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sysconfig
 import huggingface_hub
 import pytest
 import torch
+from _recipes import load_recipe
 from _tiny_checkpoint import REPO, make_checkpoint
 from huggingface_hub import ModelCard
 from transformers import LlamaForCausalLM
@@ -21,13 +21,6 @@ LMKIT_FILES = {
     "README.md", "config.json", "configuration_lmkit.py", "generation_config.json", "loss_curve.png",
     "model.safetensors", "modeling_lmkit.py", "tokenizer.json", "tokenizer_config.json",
 }  # fmt: skip
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"lmkit_recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
