@@ -3,7 +3,8 @@
 Every mode runs recipes/pretrain.py with the same model and per-process batch, through `accelerate launch` and
 the shipped accelerate_configs/, for a fixed number of steps. Throughput is what the trainer logs
 (`tokens_per_second`, all processes together) over the steps after warm-up, divided by the process count;
-the ratio column is that per-process rate against the single process (1.00 = free scaling).
+the ratio column is that per-process rate against the single process (1.00 = free scaling). On a CPU every
+process gets one thread, as torchrun gives each rank, so the per-process rates compare like for like.
 
     python benchmarks/bench_distributed.py                      # 2 processes, tiny model, CPU or GPUs
     python benchmarks/bench_distributed.py --num_processes 8 --steps 100 -- --config recipes/configs/gpt2-small.yaml
@@ -58,6 +59,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_mode(config: str, processes: int, steps: int, workdir: Path, recipe_args: list[str]) -> float:
     """Launch one mode; return the mean tokens/s over the logged intervals after the first one (warm-up)."""
     out = workdir / config.removesuffix(".yaml")
@@ -71,6 +78,8 @@ def run_mode(config: str, processes: int, steps: int, workdir: Path, recipe_args
         "--config", str(preset), "--output_dir", str(out), "--overwrite_output_dir", "true", *recipe_args,
     ]  # fmt: skip
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if not _has_gpu():  # torchrun gives each rank 1 thread; give the single process the same, so per-process compares
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-4000:]}")
@@ -101,7 +110,7 @@ def main() -> None:
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name(0) if _has_gpu() else f"CPU ({os.cpu_count()} cores, 1 thread per process)"
     base = rows[0][3]
     print(
         f"\n{device}; {args.steps} steps; per process {MODEL['per_device_train_batch_size']} x {MODEL['block_size']} tokens"
