@@ -38,6 +38,7 @@ from transformers import (
 
 from lmkit.errors import LMKitError
 from lmkit.modeling import LMConfig, LMForCausalLM
+from lmkit.reliability import safetensors_problem
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def check_model_dir(spec: str) -> Path | None:
         )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise LMKitError(f"--model {spec}: no weights in the folder (expected model.safetensors)")
+    if (path / "model.safetensors").is_file() and (problem := safetensors_problem(path / "model.safetensors")):
+        raise LMKitError(f"--model {spec}: model.safetensors is corrupted ({problem})")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise LMKitError(f"--model {spec}: no tokenizer in the folder (expected tokenizer.json)")
     return path
@@ -101,10 +104,21 @@ def load_checkpoint(
     """
     check_model_dir(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise LMKitError(f"--model {spec}: could not load ({type(err).__name__}: {_first_line(err)})") from err
+    # from_pretrained fills absent or mis-shaped tensors with random values and only warns: refuse instead.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        first = missing[0] if missing else mismatched[0][0]
+        raise LMKitError(
+            f"--model {spec}: the weights do not fit the architecture in config.json "
+            f"({len(missing)} missing, {len(mismatched)} mis-shaped tensors; first: {first})"
+        )
     if device is None:
         accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         device = accelerator or "cpu"

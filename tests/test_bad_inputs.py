@@ -247,10 +247,6 @@ def _row_ids() -> list[str]:
 
 # Known gaps in lmkit/hub.py's load_checkpoint (owned elsewhere): raw tracebacks instead of one line. Fixing them
 # turns these rows into passes; then delete the entry.
-HUB_LOADER_GAPS = {
-    "evaluate-corrupt": "hub.load_checkpoint lets safetensors' SafetensorError through (truncated model.safetensors)",
-    "generate-architecture": "hub.load_checkpoint loads a config.json/weights mismatch with random weights",
-}
 
 
 @pytest.mark.parametrize("row_id", _row_ids())
@@ -258,8 +254,6 @@ def test_bad_input(catalogue, row_id):
     rows, results, leftovers = catalogue
     if row_id not in rows:
         pytest.skip("needs root to mount a tmpfs")
-    if row_id in HUB_LOADER_GAPS:
-        pytest.xfail(HUB_LOADER_GAPS[row_id])
     row, result = rows[row_id], results[row_id]
     lines = [ln for ln in result["stderr"].splitlines() if ln.startswith("lmkit: error:")]
     assert result["code"] == 2, result["stderr"][-3000:]
