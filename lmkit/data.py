@@ -119,10 +119,10 @@ def load_raw_datasets(
             raw = _load_hub(data_args)
         else:
             train_files = resolve_data_files(data_args.train_files or [str(BUNDLED_CORPUS)], "--train_files")
-            raw = {"train": _load_files(train_files, "--train_files", data_args)}
+            raw = {"train": load_files(train_files, "--train_files", data_args)}
         if data_args.validation_files is not None:
             val_files = resolve_data_files(data_args.validation_files, "--validation_files")
-            raw["validation"] = _load_files(val_files, "--validation_files", data_args)
+            raw["validation"] = load_files(val_files, "--validation_files", data_args)
         if "validation" not in raw:
             raw["train"], raw["validation"] = _hold_out(raw["train"], data_args, seed)
     if data_args.streaming:
@@ -131,7 +131,7 @@ def load_raw_datasets(
     return DatasetDict(train=raw["train"], validation=raw["validation"])
 
 
-def _load_files(files: list[Path], field: str, data_args: DataArguments) -> Dataset | IterableDataset:
+def load_files(files: list[Path], field: str, data_args: DataArguments) -> Dataset | IterableDataset:
     builder = FORMATS[files[0].suffix.lower()]
     column = "text" if builder == "text" else data_args.text_column
     kwargs: dict[str, Any] = {}

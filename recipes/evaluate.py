@@ -24,7 +24,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from lmkit.args import DataArguments, parse_args  # noqa: E402
-from lmkit.data import _load_files, resolve_data_files  # noqa: E402
+from lmkit.data import load_files, resolve_data_files  # noqa: E402
 from lmkit.errors import LMKitError, main_entry  # noqa: E402
 from lmkit.eval_args import CheckpointArguments, EvaluationArguments  # noqa: E402
 from lmkit.evaluation import evaluate_stream, token_stream  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- model and data ---------------------------------------------------------------------------------------
     model, tokenizer = load_checkpoint(ckpt.model, ckpt.dtype, ckpt.trust_remote_code)
     data_args = DataArguments(text_column=eval_args.text_column, sample_by=eval_args.sample_by)
-    docs = _load_files(files, "--files", data_args)
+    docs = load_files(files, "--files", data_args)
     stream = token_stream(docs["text"], tokenizer)
     logger.info("%d documents, %s tokens from %d file(s); context %d, stride %s", len(docs), f"{len(stream):,}",
                 len(files), context, eval_args.stride)  # fmt: skip
