@@ -132,6 +132,7 @@ def load_raw_datasets(
 
 
 def load_files(files: list[Path], field: str, data_args: DataArguments) -> Dataset | IterableDataset:
+    """Load resolved files of one format as documents (a "text" column); errors name ``field`` and the file."""
     builder = FORMATS[files[0].suffix.lower()]
     column = "text" if builder == "text" else data_args.text_column
     kwargs: dict[str, Any] = {}
