@@ -101,8 +101,16 @@ def chat_rows(words):
     ]
 
 
-def exact_match(model_dir: Path, words: list[str]) -> float:
-    """Greedy generate() on held-out prompts; the decoded answer must equal the reversed word exactly."""
+def reverse(word: str) -> str:
+    return word[::-1]
+
+
+def rotate(word: str) -> str:
+    return word[1:] + word[0]
+
+
+def exact_match(model_dir: Path, words: list[str], answer=reverse) -> float:
+    """Greedy generate() on held-out "reverse: w" prompts; the decoded answer must equal ``answer(w)`` exactly."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     hits = 0
@@ -110,7 +118,7 @@ def exact_match(model_dir: Path, words: list[str]) -> float:
         inputs = tok(f"reverse: {w}\n", return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-        hits += tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == w[::-1]
+        hits += tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == answer(w)
     return hits / len(words)
 
 
@@ -121,20 +129,51 @@ def run(*argv: str) -> dict:
 # -- learning ---------------------------------------------------------------------------------------------------
 
 
-def test_full_finetune_learns_to_reverse_held_out_words(lmkit_base, tmp_path):
+@pytest.fixture(scope="module")
+def reverser(lmkit_base, tmp_path_factory):
+    """The untrained base fully fine-tuned on reversal (trained once, shared): exact match before/after, dir."""
+    tmp_path = tmp_path_factory.mktemp("reverser")
     train, held_out = reversal_task()
     data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(train))
-    before = exact_match(lmkit_base, held_out)
+    before = exact_match(lmkit_base, held_out, reverse)
     metrics = run(
         "--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", tmp_path / "out",
         "--block_size", 32, "--max_steps", 250, "--learning_rate", 3e-3, "--warmup_steps", 0.05,
         "--per_device_train_batch_size", 32, "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", 50,
     )  # fmt: skip
-    after = exact_match(tmp_path / "out", held_out)
+    return before, metrics, tmp_path / "out"
+
+
+def test_full_finetune_learns_to_reverse_held_out_words(reverser):
+    before, metrics, out = reverser
+    _, held_out = reversal_task()
+    after = exact_match(out, held_out, reverse)
     print(f"reversal exact match on {len(held_out)} held-out words: before {before:.2f}, after {after:.2f}")
     assert before <= 0.05
     assert after >= 0.6
     assert metrics["eval_loss"] < 0.5
+
+
+def test_lora_learns_a_new_task_on_a_trained_base(reverser, tmp_path):
+    # LoRA on a random tiny model barely moves (its frozen 0.02-std embeddings cap the logits), so the base here
+    # is the trained reverser, and the adapter must teach it a different answer to the same prompt: rotate left.
+    _, _, base = reverser
+    train, held_out = reversal_task()
+    before = exact_match(base, held_out, rotate)
+    data = write_jsonl(
+        tmp_path / "rotate.jsonl", [{"prompt": f"reverse: {w}\n", "completion": rotate(w)} for w in train]
+    )
+    run(
+        "--model_name_or_path", base, "--train_files", data, "--output_dir", tmp_path / "out", "--use_lora", "true",
+        "--merge_lora", "true", "--lora_r", 16, "--lora_alpha", 32, "--lora_dropout", 0.0, "--block_size", 32,
+        "--max_steps", 150, "--learning_rate", 1e-2, "--per_device_train_batch_size", 32, "--eval_strategy", "no",
+        "--save_strategy", "no",
+    )  # fmt: skip
+    after = exact_match(tmp_path / "out" / "merged", held_out, rotate)
+    print(f"LoRA rotate exact match on {len(held_out)} held-out words: before {before:.2f}, after {after:.2f}")
+    assert before <= 0.25  # words ending in a double letter ("abb") rotate and reverse alike: about 1 in 7
+    assert after >= 0.8
+    assert exact_match(base, held_out, reverse) >= 0.6  # the base model's own files were not touched
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------------
