@@ -189,6 +189,14 @@ class LMTrainingArguments(TrainingArguments):
         default="\n", metadata={"help": "Prompt for the short sample printed after training; None skips it."}
     )
     sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
+    peak_flops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak matmul FLOP/s of one device in the training dtype, the denominator of the logged MFU. "
+            "None: the data-sheet figure for known GPUs (lmkit.perf.GPU_PEAK_FLOPS), else measured with a short "
+            "matmul benchmark when training starts (CPUs)."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={
@@ -208,6 +216,8 @@ class LMTrainingArguments(TrainingArguments):
                 problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             problems.append(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            problems.append(f"--peak_flops must be positive, got {self.peak_flops}")
         if self.max_nonfinite_steps < 1:
             problems.append(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if problems:

@@ -6,6 +6,7 @@ Only a few hooks are overridden; the loop, checkpoints, schedules and distributi
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from typing import Any
@@ -15,6 +16,9 @@ from torch import nn
 from transformers import Trainer
 
 from lmkit import reliability
+from lmkit.perf import DataWaitTimer, resolve_peak_flops, training_flops_per_token
+
+logger = logging.getLogger(__name__)
 
 
 class LMTrainer(Trainer):
@@ -25,6 +29,8 @@ class LMTrainer(Trainer):
     - Gradient accumulation normalises the loss over all target tokens of the accumulated batch (across ranks too),
       so 4 micro-batches of 4 give the same gradient as one batch of 16, whatever their padding.
     - Logs perplexity, tokens/s over the last logging interval and tokens seen; eval logs perplexity.
+    - Logs MFU over the interval against the peak FLOP/s it names (``--peak_flops``, a known GPU's data sheet, or
+      measured on a CPU; see `lmkit.perf`), and ``data_wait_fraction``: the share of wall time spent fetching batches.
     - Reliability (`lmkit.reliability`): checkpoints and the final model appear only when complete; SIGTERM/SIGINT
       checkpoint and exit; NaN/Inf steps are skipped and counted (``nonfinite_skipped``).
     """
@@ -32,6 +38,9 @@ class LMTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._interval_start: tuple[float, int] | None = None
+        self._data_wait = DataWaitTimer()
+        self._interval_flops = 0.0
+        self._peak: tuple[float, str] | None = None
         self._checkpoint_staging: str | None = None
         self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
         self.add_callback(self.nonfinite_guard)
@@ -79,12 +88,37 @@ class LMTrainer(Trainer):
         with reliability.no_end_of_training_rotation(self.args):
             return super()._finalize_training(*args, **kwargs)
 
+    # -- speed accounting ------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        if self._peak is None:  # once, before the first step's clock starts (a CPU measures for about a second)
+            self._peak = self._resolve_peak()
+        with self._data_wait:
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        config = getattr(self.model, "config", None)
+        for batch in batch_samples:
+            ids = batch.get("input_ids") if isinstance(batch, dict) else None
+            if config is not None and ids is not None and ids.ndim == 2:
+                try:
+                    self._interval_flops += (
+                        ids.shape[0] * ids.shape[1] * training_flops_per_token(config, ids.shape[1])
+                    )
+                except (AttributeError, TypeError):  # an architecture whose shape fields we do not know: no MFU
+                    config = None
+        return batch_samples, num_items_in_batch
+
+    def _resolve_peak(self) -> tuple[float, str]:
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        peak, source = resolve_peak_flops(self.args.device, dtype, getattr(self.args, "peak_flops", None))
+        logger.info("MFU is reported against a peak of %.2f TFLOP/s per device (%s, %s)", peak / 1e12, source, dtype)
+        return peak, source
+
     # -- metrics ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in ("loss", "eval_loss"):
             if key in logs and math.isfinite(logs[key]):
                 prefix = "eval_" if key.startswith("eval_") else ""
                 logs[f"{prefix}perplexity"] = math.exp(min(logs[key], 50.0))
+        interval_t0 = self._interval_start[0] if self._interval_start is not None else None
         if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
             now, seen = time.perf_counter(), self.state.num_input_tokens_seen
             if self._interval_start is not None:
@@ -92,6 +126,17 @@ class LMTrainer(Trainer):
                 if now > t0:
                     logs["tokens_per_second"] = round((seen - seen0) / (now - t0), 1)
             self._interval_start = (now, seen)
+        if "loss" in logs and interval_t0 is not None:
+            now = time.perf_counter()
+            if self._peak is not None and self._interval_flops and now > interval_t0:
+                logs["mfu"] = round(self._interval_flops / (now - interval_t0) / self._peak[0], 4)
+                logs["mfu_peak_tflops"] = round(self._peak[0] / 1e12, 3)
+            if now > interval_t0:
+                logs["data_wait_fraction"] = round(self._data_wait.waited / (now - interval_t0), 4)
+            self._data_wait.reset(now)
+            self._interval_flops = 0.0
+            if self._interval_start is not None and self.args.include_num_input_tokens_seen == "no":
+                self._interval_start = (now, self._interval_start[1])
         if "loss" in logs:
             logs.update(self.nonfinite_guard.log_entries())
         super().log(logs, start_time)

@@ -44,10 +44,8 @@ class LMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm is one fused kernel for x * rsqrt(mean(x^2) + eps); same math as Llama's four ops.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -419,10 +417,13 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
 
         Each chunk runs under non-reentrant activation checkpointing: its forward keeps only the chunk's inputs
         (views into `hidden`), and the backward recomputes that chunk's logits, so at most one chunk's logits,
-        fp32 logits and logit gradient are alive at once. The price is one extra LM-head matmul in the backward.
+        fp32 logits and logit gradient are alive at once. The price is one extra LM-head matmul in the backward,
+        paid only when there is more than one chunk.
         The head is called as a module, so its hooks (peft, FSDP, DeepSpeed ZeRO-3) run as usual.
         """
         chunk = self.config.loss_chunk_size
+        if hidden.shape[0] <= chunk:  # one chunk: its logits are the only ones alive anyway, so skip the recompute
+            return self._head_loss_sum(hidden, targets)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             loss_sum = loss_sum + checkpoint(

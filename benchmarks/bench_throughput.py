@@ -1,0 +1,288 @@
+"""Training throughput of lmkit's pretraining path against stock transformers, and each speed lever on its own.
+
+    python benchmarks/bench_throughput.py                       # main table: lmkit vs GPT2LMHeadModel vs Llama
+    python benchmarks/bench_throughput.py --levers              # + lmkit plain fp32 and one lever at a time
+    python benchmarks/bench_throughput.py --device cuda --hidden_size 2048 --num_layers 16 --seq_len 2048 ...
+
+Every run is a fresh subprocess that trains for ``--steps`` optimizer steps with a `Trainer` on the same packed
+Shakespeare tokens (lmkit: `LMTrainer` + `CausalLMCollator` + `LMForCausalLM` with lmkit's defaults; references:
+the stock `Trainer` with its defaults, `labels=input_ids`). Tokens/s is timed from the end of step ``--warmup``
+to the last step. Runs are interleaved (A B C A B C ...) ``--repeats`` times and the median is reported, with
+ratios against the references measured in the same invocation; the matmul peak for MFU is measured in the same
+invocation too (best of several rounds, between the runs). All models have the same non-embedding parameter count
+(within 5%), sequence length, micro-batch, dtype and optimizer (AdamW, fused where torch has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# name -> (model kind, lmkit overrides). "plain" is the fp32 eager path with every lever off; each lever row turns
+# exactly one on. "lmkit" is the default configuration.
+PLAIN = {"bf16": False, "torch_compile": False, "optim": "adamw_torch", "attn": "eager", "loss_chunk_size": 0}
+LEVERS = {
+    "lmkit plain fp32": PLAIN,
+    "  + bf16 autocast": {**PLAIN, "bf16": True},
+    "  + torch.compile": {**PLAIN, "torch_compile": True},
+    "  + fused AdamW": {**PLAIN, "optim": "adamw_torch_fused"},
+    "  + SDPA": {**PLAIN, "attn": "sdpa"},
+    "  + chunked loss": {**PLAIN, "loss_chunk_size": 1024},
+}
+
+
+def lmkit_defaults(args: argparse.Namespace) -> dict:
+    return {
+        "bf16": args.dtype == "bf16",
+        "torch_compile": args.compile,
+        "optim": "adamw_torch_fused",
+        "attn": "sdpa",
+        "loss_chunk_size": 1024,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Child: one training run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def child(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from lmkit import LMConfig, LMForCausalLM
+    from lmkit.args import LMTrainingArguments
+    from lmkit.collator import CausalLMCollator
+    from lmkit.perf import training_flops_per_token
+    from lmkit.runtime import num_parameters
+    from lmkit.trainer import LMTrainer
+
+    T, B, V, H, L = spec["seq_len"], spec["batch_size"], spec["vocab_size"], spec["hidden_size"], spec["num_layers"]
+    heads = spec["num_heads"]
+    tokens = np.load(spec["tokens"])
+    kind, opts = spec["kind"], spec["opts"]
+    torch.manual_seed(0)
+
+    if kind == "lmkit":
+        config = LMConfig(
+            vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, max_position_embeddings=T,
+            loss_chunk_size=opts["loss_chunk_size"],
+        )  # fmt: skip
+        config._attn_implementation = opts["attn"]
+        model = LMForCausalLM(config)
+        n_rows = len(tokens) // (T + 1)
+        rows = tokens[: n_rows * (T + 1)].reshape(n_rows, T + 1)  # the collator shifts: T inputs, T targets
+        data = Dataset.from_dict({"input_ids": rows.tolist()})
+        collator = CausalLMCollator(pad_token_id=V - 1)
+        args_cls, trainer_cls = LMTrainingArguments, LMTrainer
+        extra = {"optim": opts["optim"], "bf16": opts["bf16"], "torch_compile": opts["torch_compile"]}
+        extra["peak_flops"] = spec["peak"][spec["dtype"] if opts["bf16"] else "fp32"]
+    else:
+        if kind == "gpt2":
+            # GPT-2's 4x GELU MLP (8 h^2) matches SwiGLU's 3 x h x 8/3 h; no dropout, as in lmkit.
+            config = GPT2Config(
+                vocab_size=V, n_positions=T, n_embd=H, n_layer=L, n_head=heads, n_inner=4 * H,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            )  # fmt: skip
+            model = GPT2LMHeadModel(config)
+        else:
+            ref = LMConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads)
+            config = LlamaConfig(
+                vocab_size=V, hidden_size=H, intermediate_size=ref.intermediate_size, num_hidden_layers=L,
+                num_attention_heads=heads, max_position_embeddings=T, tie_word_embeddings=True,
+            )  # fmt: skip
+            model = LlamaForCausalLM(config)
+        n_rows = len(tokens) // T
+        rows = tokens[: n_rows * T].reshape(n_rows, T)
+        data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+        collator = default_data_collator
+        args_cls, trainer_cls = TrainingArguments, Trainer
+        extra = {"bf16": spec["dtype"] == "bf16"}  # stock defaults otherwise (optim adamw_torch_fused, sdpa)
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0, self.t1, self.logs = None, None, {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            if state.global_step == spec["warmup"]:
+                self.t0 = time.perf_counter()
+            self.t1 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.update(logs or {})
+
+    clock = Clock()
+    out_dir = tempfile.mkdtemp(prefix="lmkit-bench-")
+    training_args = args_cls(
+        output_dir=out_dir, per_device_train_batch_size=B, max_steps=spec["steps"], learning_rate=3e-4,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=spec["steps"], save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
+        dataloader_drop_last=True, seed=0, **extra,
+    )  # fmt: skip
+    trainer = trainer_cls(
+        model=model, args=training_args, train_dataset=data, data_collator=collator, callbacks=[clock]
+    )
+    trainer.train()
+    timed_steps = spec["steps"] - spec["warmup"]
+    tok_s = timed_steps * B * T / (clock.t1 - clock.t0)
+    return {
+        "tokens_per_second": tok_s,
+        "flops_per_token": training_flops_per_token(config, T),
+        "non_embedding_params": num_parameters(model, exclude_embeddings=True),
+        "logged_mfu": clock.logs.get("mfu"),
+        "data_wait_fraction": clock.logs.get("data_wait_fraction"),
+        "loss": clock.logs.get("train_loss"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parent: data, interleaved runs, peak, table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prepare_tokens(path: Path, vocab_size: int) -> None:
+    import numpy as np
+
+    from lmkit.args import BUNDLED_CORPUS
+    from lmkit.tokenizer import build_tokenizer
+
+    text = BUNDLED_CORPUS.read_text(encoding="utf-8")
+    paragraphs = [p for p in text.split("\n\n") if p]
+    tokenizer = build_tokenizer("train", paragraphs, vocab_size)
+    ids = [i for enc in tokenizer.backend_tokenizer.encode_batch_fast(paragraphs) for i in enc.ids + [0]]
+    np.save(path, np.asarray(ids, dtype=np.int32))
+
+
+def run_child(spec: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_peaks(device: str, dtype: str) -> dict:
+    import torch
+
+    from lmkit.perf import measure_matmul_peak
+
+    size = 1024 if device == "cpu" else 8192
+    peaks = {"fp32": measure_matmul_peak(torch.float32, device, size=size)}
+    if dtype == "bf16":
+        peaks["bf16"] = measure_matmul_peak(torch.bfloat16, device, size=size)
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--compile", action="store_true", help="lmkit's run with --torch_compile (default off)")
+    parser.add_argument("--levers", action="store_true", help="also run lmkit plain fp32 and each lever alone")
+    parser.add_argument("--only_levers", action="store_true", help="run the lever rows only")
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
+    tokens = work / "tokens.npy"
+    prepare_tokens(tokens, args.vocab_size)
+    base = {
+        "tokens": str(tokens), "device": args.device, "dtype": args.dtype, "steps": args.steps,
+        "warmup": args.warmup, "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
+        "num_layers": args.num_layers, "num_heads": args.num_heads, "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+    }  # fmt: skip
+    runs: dict[str, dict] = {}
+    if not args.only_levers:
+        runs["lmkit"] = {"kind": "lmkit", "opts": lmkit_defaults(args)}
+        runs["Llama (transformers)"] = {"kind": "llama", "opts": {}}
+        runs["GPT-2 (transformers)"] = {"kind": "gpt2", "opts": {}}
+    if args.levers or args.only_levers:
+        runs.update({name: {"kind": "lmkit", "opts": opts} for name, opts in LEVERS.items()})
+
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    peaks: list[dict] = []
+    for r in range(args.repeats):
+        peaks.append(measure_peaks(args.device, args.dtype))
+        for name, run in runs.items():
+            spec = {**base, **run, "name": name, "peak": peaks[-1] | {"bf16": peaks[-1].get("bf16", 0.0)}}
+            results[name].append(run_child(spec))
+            print(f"repeat {r + 1}/{args.repeats} {name}: {results[name][-1]['tokens_per_second']:.0f} tok/s",
+                  file=sys.stderr)  # fmt: skip
+    peak = {k: statistics.median(p[k] for p in peaks) for k in peaks[0]}
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    print(
+        f"\nmachine: {torch.get_num_threads()} threads, {args.device}; model: {args.num_layers} layers x "
+        f"{args.hidden_size} dims, {args.num_heads} heads, vocab {args.vocab_size}, seq {args.seq_len}, "
+        f"micro-batch {args.batch_size}, {args.dtype}; {args.steps - args.warmup} timed steps, median of "
+        f"{args.repeats} interleaved repeats"
+    )
+    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
+    header = (
+        f"| {'run':22} | {'non-emb params':>14} | {'tokens/s':>9} | {'vs GPT-2':>8} | {'vs Llama':>8} "
+        f"| {'vs plain':>8} | {'MFU':>6} | {'data wait':>9} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    gpt2 = med("GPT-2 (transformers)", "tokens_per_second") if "GPT-2 (transformers)" in results else None
+    llama = med("Llama (transformers)", "tokens_per_second") if "Llama (transformers)" in results else None
+    plain = med("lmkit plain fp32", "tokens_per_second") if "lmkit plain fp32" in results else None
+    for name, run in runs.items():
+        tok_s = med(name, "tokens_per_second")
+        bf16 = run["opts"].get("bf16", args.dtype == "bf16") if run["kind"] == "lmkit" else args.dtype == "bf16"
+        run_peak = peak["bf16" if bf16 else "fp32"]
+        mfu = tok_s * results[name][0]["flops_per_token"] / run_peak
+        waits = [r["data_wait_fraction"] for r in results[name] if r["data_wait_fraction"] is not None]
+        wait = f"{statistics.median(waits):.2%}" if waits else "-"
+        vs_gpt2 = f"{tok_s / gpt2:.2f}x" if gpt2 else "-"
+        vs_llama = f"{tok_s / llama:.2f}x" if llama else "-"
+        vs_plain = f"{tok_s / plain:.2f}x" if plain and run["kind"] == "lmkit" else "-"
+        print(
+            f"| {name:22} | {results[name][0]['non_embedding_params']:>14,} | {tok_s:>9.0f} | {vs_gpt2:>8} | "
+            f"{vs_llama:>8} | {vs_plain:>8} | {mfu:>6.1%} | {wait:>9} |"
+        )
+    print("MFU: model FLOPs (6N + 12 L d T per token) over the matmul peak measured for the run's dtype")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Speed accounting: training FLOPs per token, the device's matmul peak, MFU, and time spent waiting on data.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / the device's peak matmul FLOP/s for the
+training dtype. "Model FLOPs" are the FLOPs the math needs, not what the implementation executes: recomputation
+(activation checkpointing, the chunked loss re-running the LM head) is not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense (no 2:4 sparsity) tensor-core peaks per device, FLOP/s, from the vendors' data sheets. Matched by
+# substring of `torch.cuda.get_device_name()`, first match wins, so specific names come before general ones.
+# "fp32" is the TF32 tensor-core rate where the card has one (what torch uses with allow_tf32 / "high" matmul
+# precision) and the plain FP32 rate otherwise.
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "B200": {"bf16": 2250e12, "fp32": 1100e12},
+    "H200": {"bf16": 989.4e12, "fp32": 494.7e12},
+    "H100 PCIe": {"bf16": 756.0e12, "fp32": 378.0e12},
+    "H100 NVL": {"bf16": 835.0e12, "fp32": 417.5e12},
+    "H100": {"bf16": 989.4e12, "fp32": 494.7e12},  # SXM
+    "GH200": {"bf16": 989.4e12, "fp32": 494.7e12},
+    "A100": {"bf16": 312.0e12, "fp32": 156.0e12},
+    "L40S": {"bf16": 362.1e12, "fp32": 183.0e12},
+    "L4": {"bf16": 121.0e12, "fp32": 60.0e12},
+    "A10G": {"bf16": 70.0e12, "fp32": 35.0e12},
+    "A10": {"bf16": 125.0e12, "fp32": 62.5e12},
+    "RTX 4090": {"bf16": 165.2e12, "fp32": 82.6e12},
+    "RTX 3090": {"bf16": 71.0e12, "fp32": 35.6e12},
+    "V100": {"bf16": 125.0e12, "fp32": 15.7e12},  # no bf16: the fp16 tensor-core rate
+    "MI300X": {"bf16": 1307.4e12, "fp32": 653.7e12},
+}
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    """ "bf16" for the 16-bit float types (fp16 has the same tensor-core rate), else "fp32"."""
+    return "bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def transformer_training_flops_per_token(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    q_dim: int,
+    kv_dim: int,
+    intermediate_size: int,
+    mlp_matrices: int,
+    vocab_size: int,
+    seq_len: int,
+) -> int:
+    """Forward + backward FLOPs per token of a decoder-only transformer: 6 N + 12 L q_dim T (PaLM, appendix B).
+
+    N counts the weights of every matmul a token goes through: per layer Q, K, V, O projections (h x q_dim,
+    2 h x kv_dim, q_dim x h) and ``mlp_matrices`` MLP matrices of h x intermediate (3 for SwiGLU, 2 for GELU), plus
+    the LM head (h x vocab). The input embedding is a lookup (no FLOPs); norms, biases and activations are
+    negligible and left out. The attention term counts scores and the weighted sum over all T positions, as
+    PaLM does (no discount for the causal mask).
+    """
+    per_layer = (
+        hidden_size * (q_dim + 2 * kv_dim) + q_dim * hidden_size + mlp_matrices * hidden_size * intermediate_size
+    )
+    n_matmul = num_layers * per_layer + hidden_size * vocab_size
+    return 6 * n_matmul + 12 * num_layers * q_dim * seq_len
+
+
+def training_flops_per_token(config: Any, seq_len: int) -> int:
+    """`transformer_training_flops_per_token` for an lmkit `LMConfig`, a transformers `LlamaConfig` or `GPT2Config`."""
+    if getattr(config, "model_type", None) == "gpt2":
+        return transformer_training_flops_per_token(
+            num_layers=config.n_layer,
+            hidden_size=config.n_embd,
+            q_dim=config.n_embd,
+            kv_dim=config.n_embd,
+            intermediate_size=config.n_inner or 4 * config.n_embd,
+            mlp_matrices=2,
+            vocab_size=config.vocab_size,
+            seq_len=seq_len,
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return transformer_training_flops_per_token(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        q_dim=config.num_attention_heads * head_dim,
+        kv_dim=kv_heads * head_dim,
+        intermediate_size=config.intermediate_size,
+        mlp_matrices=3,
+        vocab_size=config.vocab_size,
+        seq_len=seq_len,
+    )
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: tokens/s x FLOPs/token over the peak FLOP/s (a fraction, not a percentage)."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    return tokens_per_second * flops_per_token / peak_flops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak of a GPU named ``device_name`` for ``dtype``, or None when the table has no match."""
+    for key, peaks in GPU_PEAK_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return peaks[dtype_key(dtype)]
+    return None
+
+
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    size: int = 1024,
+    min_seconds: float = 0.3,
+    repeats: int = 3,
+) -> float:
+    """Best FLOP/s of square ``size`` x ``size`` matmuls in ``dtype`` on ``device``, over ``repeats`` timed rounds.
+
+    Each round runs matmuls for at least ``min_seconds``; the best round is the least disturbed by other work on
+    the machine. This is what the device achieves on a large, well-shaped matmul: the ceiling MFU is measured
+    against, not a data-sheet figure.
+    """
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    flops_per_matmul = 2 * size**3
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm-up: kernel selection, oneDNN primitive caches
+        torch.matmul(a, b)
+    sync()
+    best = 0.0
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while True:
+            torch.matmul(a, b)
+            n += 1
+            if n % 4 == 0:
+                sync()
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+        best = max(best, n * flops_per_matmul / elapsed)
+    return best
+
+
+def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> tuple[float, str]:
+    """The peak matmul FLOP/s MFU is measured against, and where it came from ("configured", the GPU, "measured").
+
+    ``override`` wins; a CUDA device is looked up in `GPU_PEAK_FLOPS` (measured when it is not listed); anything
+    else (a CPU) is measured with `measure_matmul_peak`.
+    """
+    if override:
+        return float(override), "configured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name, dtype)
+        if peak is not None:
+            return peak, f"{name} data sheet"
+        return measure_matmul_peak(dtype, device, size=8192), f"{name} measured"
+    return measure_matmul_peak(dtype, device), f"{device.type} measured"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data wait
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DataWaitTimer:
+    """Accumulates the time spent fetching batches, to report it as a fraction of the wall time of an interval.
+
+    ``with timer: batch = next(it)`` adds the block's duration; ``timer.fraction()`` returns the waiting time over
+    the wall time since the last ``reset()`` (or creation) and ``reset()`` starts a new interval.
+    """
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+        self._interval_start = time.perf_counter()
+        self._entered = 0.0
+
+    def __enter__(self) -> DataWaitTimer:
+        self._entered = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.waited += time.perf_counter() - self._entered
+
+    def fraction(self, now: float | None = None) -> float:
+        elapsed = (time.perf_counter() if now is None else now) - self._interval_start
+        return self.waited / elapsed if elapsed > 0 else 0.0
+
+    def reset(self, now: float | None = None) -> None:
+        self.waited = 0.0
+        self._interval_start = time.perf_counter() if now is None else now
