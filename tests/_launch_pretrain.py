@@ -1,10 +1,8 @@
-"""recipes/pretrain.py as launched by tests/test_distributed.py: the real recipe, seeded and instrumented.
+"""recipes/pretrain.py as launched by tests/test_distributed.py: the real recipe, instrumented.
 
-- Seeds torch before the recipe builds its model, so every launch starts from the same weights (the recipe
-  itself builds the model before the Trainer seeds).
-- With ``LMKIT_TEST_RECORD=<dir>``, each rank writes ``<dir>/rank<N>.json``: a fingerprint of every training row
-  it was fed, how many tokenization batches it ran itself, a digest of its weights (DDP), and (rank 0) the logits the still-sharded model gives
-  for a fixed input after training.
+With ``LMKIT_TEST_RECORD=<dir>``, each rank writes ``<dir>/rank<N>.json``: a fingerprint of every training row it
+was fed, how many tokenization batches it ran itself, a digest of its weights (DDP), and (rank 0) the logits the
+still-sharded model gives for a fixed input after training.
 """
 
 import hashlib
@@ -15,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import set_seed
 
 PROBE_INPUT = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
 
@@ -70,7 +67,6 @@ def instrument(record_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    set_seed(42)
     if os.environ.get("LMKIT_TEST_RECORD"):
         instrument(Path(os.environ["LMKIT_TEST_RECORD"]))
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "pretrain.py"
