@@ -6,6 +6,7 @@ and adds its own fields, grouped by concern below. YAML keys are exactly the dat
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field, fields
@@ -292,6 +293,13 @@ def parse_args(
             raise LMKitError(f"--config {config_path}: unknown config key(s): {', '.join(unknown)}")
         yaml_argv = _yaml_to_argv(config)
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=yaml_argv + argv, look_for_args_file=False))
+        *groups, rest = parser.parse_args_into_dataclasses(
+            args=yaml_argv + argv, look_for_args_file=False, return_remaining_strings=True
+        )
     except ValueError as err:  # a dataclass __post_init__ outside lmkit's control
         raise LMKitError(str(err)) from err
+    if rest:
+        flags = [a for a in rest if a.startswith("--")] or rest
+        hint = difflib.get_close_matches(flags[0], [f"--{k}" for k in known], n=1)
+        raise LMKitError(f"unknown flag {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+    return tuple(groups)
