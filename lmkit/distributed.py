@@ -172,8 +172,9 @@ def validate_distributed(args: Any, world_size: int | None = None) -> None:
 
     Checks the DeepSpeed config (``--deepspeed`` or the accelerate config's) against the training arguments:
     fixed values that differ from the flags, an unknown ZeRO stage, a ``train_batch_size`` the world size does
-    not divide, a scheduler other than ``--lr_scheduler_type``, ZeRO-3 saves that would be empty; a multi-node
-    launch without a main process address; and a stale build lock that would hang DeepSpeed's op loading.
+    not divide, a scheduler other than ``--lr_scheduler_type``, ZeRO-3 saves that would be empty, offload without
+    an optimizer DeepSpeed accepts; and a stale build lock that would hang DeepSpeed's op loading. (A multi-node
+    launch without ``main_process_ip`` never reaches the recipe: see `check_launch_config`.)
 
     Args:
         args: the parsed `TrainingArguments`.
@@ -181,8 +182,6 @@ def validate_distributed(args: Any, world_size: int | None = None) -> None:
     """
     world_size = args.world_size if world_size is None else world_size
     problems = []
-    if os.environ.get("MASTER_ADDR") in ("None", ""):
-        problems.append("the launcher has no main process address: pass --main_process_ip (the IP of machine 0)")
     loaded = load_deepspeed_config(args)
     if loaded is not None:
         source, config = loaded
