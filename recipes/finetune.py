@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lmkit.args import REPO_ROOT, DataArguments, LMTrainingArguments, ModelArguments, parse_args
 from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, main_entry
 from lmkit.finetune import (
     LabelsCollator,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments), argv, DEFAULT_SFT_CONFIG
     )
     setup_logging(args)
+    validate_distributed(args)
     log_startup(args, model_args, data_args, ft_args)
     spec = resolve_starting_point(model_args.model_name_or_path)
     check_output_dir(args)

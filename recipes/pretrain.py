@@ -21,6 +21,7 @@ from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import DEFAULT_CONFIG, DataArguments, LMTrainingArguments, ModelArguments, parse_args
 from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, main_entry
 from lmkit.runtime import (
     check_output_dir,
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
     setup_logging(args)
+    validate_distributed(args)  # DeepSpeed / multi-node settings, before anything is built
     log_startup(args, model_args, data_args)
     if data_args.block_size > model_args.max_position_embeddings:
         raise LMKitError(
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     config._attn_implementation = model_args.attn_implementation
     set_seed(args.seed)  # the initial weights: the same flags give the same run
-    model = LMForCausalLM(config)
+    model = LMForCausalLM._from_config(config)  # under ZeRO-3 this builds each rank's shard (zero.Init)
     tokens_per_step = (
         args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size
     )
