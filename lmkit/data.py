@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +43,10 @@ _TOKENIZE_BATCH = 1000  # documents per tokenizer call
 _PACK_BATCH = 10_000  # documents per packing batch: bounds memory, never changes the blocks
 _CACHE_VERSION = "lmkit-data-1"  # bump when tokenize/pack output changes, to invalidate old caches
 _TOKENS = Features({"input_ids": List(Value("int32"))})
+# A streaming position: `datasets` state where a read batch begins (None: the stream's start), documents and tokens
+# used up from there, and the number of blocks before it.
+_STREAM_START: dict[str, Any] = {"docs": None, "skip_docs": 0, "skip_tokens": 0, "blocks": 0}
+_POSITIONS_KEPT = 1 << 16  # recent positions kept: far more blocks than any data loader reads ahead
 
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
@@ -474,11 +480,9 @@ def _build_streaming(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     # Shard documents, not blocks, so each rank tokenizes only its own share.
     train_docs = datasets.distributed.split_dataset_by_node(raw["train"], rank=rank, world_size=world_size)
-    train = IterableDataset.from_generator(
-        iter_blocks, features=_TOKENS, gen_kwargs={"docs": train_docs, "tokenizer": tokenizer, "block_len": block_len}
-    )
+    train = PackedStream(train_docs, tokenizer, block_len)
     n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
-    val_blocks = [b["input_ids"] for b in islice(iter_blocks(raw["validation"], tokenizer, block_len), n_eval)]
+    val_blocks = [b["input_ids"] for b in islice(PackedStream(raw["validation"], tokenizer, block_len), n_eval)]
     no_validation_asked = data_args.validation_files is None and data_args.validation_split == 0
     if not val_blocks and not no_validation_asked:
         raise LMKitError(
@@ -496,13 +500,78 @@ def _build_streaming(
     return {"train": train, "validation": validation}
 
 
-def iter_blocks(docs: IterableDataset, tokenizer: Any, block_len: int) -> Iterator[dict[str, list[int]]]:
-    """Tokenize a document stream and yield packed blocks, carrying the remainder from batch to batch."""
-    carry = np.empty(0, dtype=np.int32)
-    for batch in docs.iter(batch_size=_TOKENIZE_BATCH):
-        ids = _tokenize_batch(batch["text"], tokenizer)["input_ids"]
-        flat = np.concatenate([carry, np.fromiter(chain.from_iterable(ids), dtype=np.int32)])
-        n = len(flat) // block_len
-        for block in flat[: n * block_len].reshape(n, block_len).tolist():
-            yield {"input_ids": block}
-        carry = flat[n * block_len :]
+class PackedStream(torch.utils.data.IterableDataset):
+    """A document stream tokenized and packed on the fly into rows ``{"input_ids": list[int]}`` of ``block_len``.
+
+    Documents are read ``_TOKENIZE_BATCH`` at a time, EOS follows each one, and the tokens that do not fill a last
+    block carry over to the next batch: the blocks are those of one global concatenation, as in memory.
+
+    Resumable without replay (``state_dict`` / ``load_state_dict``, the protocol of `datasets.IterableDataset` and
+    torchdata's ``StatefulDataLoader``). `datasets` can resume the document stream itself, but not a packing step
+    that carries tokens across batches, so a position here is: the `datasets` state where the current read batch
+    began, the documents of that batch already used up, and the tokens of the next document already used up.
+    Restoring reads that one batch again (`datasets` re-reads from its own last checkpoint inside a shard, without
+    tokenizing) and tokenizes only from the position on.
+
+    ``position_after(n)`` gives the position after the first ``n`` blocks of the stream for a short while after
+    they were yielded: a data loader reads ahead, so the Trainer asks for the count it has trained on (see
+    `lmkit.reliability.save_stream_position`).
+    """
+
+    def __init__(self, docs: IterableDataset, tokenizer: Any, block_len: int) -> None:
+        self.docs, self.tokenizer, self.block_len = docs, tokenizer, block_len
+        self._resume_from: dict[str, Any] | None = None
+        self._positions: deque[dict[str, Any]] = deque(maxlen=_POSITIONS_KEPT)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last block yielded (or the one loaded, before iterating)."""
+        if self._positions:
+            return dict(self._positions[-1])
+        return dict(self._resume_from or _STREAM_START)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start the next iteration at ``state`` (from `state_dict` or `position_after`)."""
+        self._resume_from = dict(state)
+        self._positions.clear()
+
+    def position_after(self, n_blocks: int) -> dict[str, Any] | None:
+        """The position after the stream's first ``n_blocks`` blocks, if this iteration yielded it recently."""
+        for position in reversed(self._positions):
+            if position["blocks"] == n_blocks:
+                return dict(position)
+            if position["blocks"] < n_blocks:
+                break
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id > 0:
+            return  # one stream, one reader: like a single-shard `datasets` stream, other workers stop at once
+        start, self._resume_from = self._resume_from or _STREAM_START, None
+        self._positions.clear()
+        self._positions.append(dict(start))
+        base, skip_docs, skip_tokens = start["docs"], start["skip_docs"], start["skip_tokens"]
+        n_blocks = start["blocks"]
+        self.docs.load_state_dict(base)  # None: from the beginning
+        block_len = self.block_len
+        carry = np.empty(0, dtype=np.int32)
+        for batch in self.docs.iter(batch_size=_TOKENIZE_BATCH):
+            next_base = self.docs.state_dict()  # where the next read batch begins
+            ids = _tokenize_batch(batch["text"][skip_docs:], self.tokenizer)["input_ids"]
+            tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32)[skip_tokens:]
+            flat = np.concatenate([carry, tokens])
+            # starts[d]: where document skip_docs + d of this batch begins in `flat` (negative if partly used up)
+            starts = np.zeros(len(ids) + 1, dtype=np.int64)
+            np.cumsum([len(doc) for doc in ids], out=starts[1:])
+            starts += len(carry) - skip_tokens
+            n = len(flat) // block_len
+            for j in range(n):
+                end = (j + 1) * block_len
+                d = int(np.searchsorted(starts, end, side="right")) - 1
+                n_blocks += 1
+                self._positions.append(
+                    {"docs": base, "skip_docs": skip_docs + d, "skip_tokens": end - int(starts[d]), "blocks": n_blocks}
+                )
+                yield {"input_ids": flat[end - block_len : end].tolist()}
+            carry = flat[n * block_len :]
+            base, skip_docs, skip_tokens = next_base, 0, 0

@@ -8,6 +8,9 @@
   last (the file that marks an output dir as holding a finished model).
 - SIGTERM / SIGINT request a checkpoint at the next optimizer-step boundary; the run then exits with status
   128 + signal number and a one-line message saying how to resume. A second SIGINT stops at once.
+- A streaming run (`lmkit.data.PackedStream`) writes its stream position into every checkpoint
+  (``stream_position.json``); resuming jumps there instead of replaying the stream batch by batch, which would
+  re-read and re-tokenize every document before it. Checkpoints without one resume by replay, with a warning.
 - A step whose loss or gradient is NaN/Inf is skipped (gradients dropped, so the optimizer leaves the weights and
   its moments untouched) and counted in the logs as ``nonfinite_skipped``; ``--max_nonfinite_steps`` consecutive
   ones stop the run with a one-line message, before anything is saved.
@@ -36,6 +39,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from lmkit.data import PackedStream
 from lmkit.errors import LMKitError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".tmp-"
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS = "training_args.bin"
+STREAM_POSITION = "stream_position.json"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 # Environment variables whose values must never be written anywhere (the secret scan in the tests uses them too).
@@ -274,6 +279,7 @@ def save_checkpoint_atomically(trainer: Any, save: Callable[[], None], run_dir: 
             elif trainer.state.best_model_checkpoint != best_before:
                 trainer.state.best_model_checkpoint = best_before
             scrub_training_args(staged / TRAINING_ARGS, args)
+            save_stream_position(trainer, staged)
             _fsync_tree(staged)
             if final.exists():  # a checkpoint of an abandoned timeline (resumed from an earlier one): replace it
                 old = run / f"{STAGING_PREFIX}old-{name}"
@@ -331,6 +337,90 @@ def save_model_atomically(trainer: Any, save: Callable[[str], None], output_dir:
             latest = complete_checkpoints(out)
             raise _write_error("the final model", out, err, latest[-1] if latest else None) from err
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming position
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _blocks_trained(trainer: Any, global_step: int) -> int:
+    # Rows of the stream behind `global_step` optimizer steps: with an iterable dataset every rank's rows come from
+    # the one stream (dispatched from rank 0, or read whole and sliced per rank by accelerate).
+    return global_step * trainer.get_total_train_batch_size(trainer.args)
+
+
+def save_stream_position(trainer: Any, checkpoint: Path) -> None:
+    """Write where the training stream stands (after the rows trained on so far) into ``checkpoint``."""
+    dataset = trainer.train_dataset
+    if not isinstance(dataset, PackedStream):
+        return
+    if trainer.args.dataloader_num_workers > 0:
+        # The stream is read inside a worker process; its position never reaches this one.
+        logger.warning("no stream position saved (--dataloader_num_workers > 0): resuming will replay the stream")
+        return
+    position = dataset.position_after(_blocks_trained(trainer, trainer.state.global_step))
+    if position is None:  # e.g. the stream ran out and restarted: the block count no longer maps to a position
+        logger.warning(
+            "no stream position saved at step %d: resuming will replay the stream", trainer.state.global_step
+        )
+        return
+    (checkpoint / STREAM_POSITION).write_text(json.dumps(position), encoding="utf-8")
+
+
+class StreamResume(TrainerCallback):
+    """Resume a `lmkit.data.PackedStream` at the position saved in the checkpoint, instead of replaying it.
+
+    transformers 5.24 resumes an iterable dataset only by fetching and discarding every batch before the
+    checkpoint (``skip_first_batches``), and saves no data-loader state. `LMTrainer._init_training_state` calls
+    `restore`; when it positions the stream, the Trainer is told there is nothing to skip, and this callback puts
+    back the two things that skipping would have given: the RNG state restored after the data loader's iterator
+    drew its seed (as the stock resume does; dropout sees the same draws), and the epoch fraction.
+    """
+
+    def __init__(self) -> None:
+        self._rng_checkpoint: str | None = None
+        self._steps_in_epoch = 0
+        self._trainer: Any = None
+
+    def restore(self, trainer: Any, checkpoint: str) -> bool:
+        """Position the training stream at ``checkpoint``'s saved position; False (and a warning) to replay."""
+        dataset = trainer.train_dataset
+        if not isinstance(dataset, torch.utils.data.IterableDataset):
+            return False
+        step = trainer.state.global_step
+        file = Path(checkpoint) / STREAM_POSITION
+        position = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+        expected = _blocks_trained(trainer, step)
+        if isinstance(dataset, PackedStream) and position is not None and position.get("blocks") == expected:
+            dataset.load_state_dict(position)
+            self._trainer, self._rng_checkpoint = trainer, checkpoint
+            self._steps_in_epoch = trainer.state.max_steps * trainer.args.gradient_accumulation_steps
+            logger.info("resuming the stream at its saved position (block %d)", expected)
+            return True
+        why = (
+            f"{checkpoint} saved no stream position"
+            if position is None
+            else f"{checkpoint}'s stream position is for block {position.get('blocks')}, this run is at block "
+            f"{expected} (the batch size changed?)"
+        )
+        if trainer.args.should_log:
+            logger.warning(
+                "%s: replaying the stream batch by batch up to step %d (re-reads every document before it)", why, step
+            )
+        return False
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._rng_checkpoint is not None:  # the first batches are fetched: the stock resume reloads RNG here
+            self._trainer._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._steps_in_epoch:  # the Trainer counted micro-batches from 0, not from the checkpoint's step
+            state.epoch = state.global_step * args.gradient_accumulation_steps / self._steps_in_epoch
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._rng_checkpoint, self._steps_in_epoch, self._trainer = None, 0, None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ class LMTrainer(Trainer):
     - Logs MFU over the interval against the peak FLOP/s it names (``--peak_flops``, a known GPU's data sheet, or
       measured on a CPU; see `lmkit.perf`), and ``data_wait_fraction``: the share of wall time spent fetching batches.
     - Reliability (`lmkit.reliability`): checkpoints and the final model appear only when complete; SIGTERM/SIGINT
-      checkpoint and exit; NaN/Inf steps are skipped and counted (``nonfinite_skipped``).
+      checkpoint and exit; NaN/Inf steps are skipped and counted (``nonfinite_skipped``); a streaming run resumes at
+      the stream position saved in its checkpoint instead of replaying the stream.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -45,6 +46,8 @@ class LMTrainer(Trainer):
         self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
         self.add_callback(self.nonfinite_guard)
         self.add_callback(reliability.PreemptionCallback())
+        self.stream_resume = reliability.StreamResume()
+        self.add_callback(self.stream_resume)
 
     # -- optimizer -------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -83,6 +86,21 @@ class LMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         reliability.check_checkpoint_matches_model(resume_from_checkpoint, self.model)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _init_training_state(
+        self,
+        max_steps: int,
+        num_update_steps_per_epoch: int,
+        num_train_epochs: int,
+        resume_from_checkpoint: Any,
+        trial: Any,
+    ) -> tuple[int, int]:
+        epochs_trained, batches_to_skip = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if batches_to_skip and self.stream_resume.restore(self, resume_from_checkpoint):
+            batches_to_skip = 0  # the stream starts at the checkpoint's position: nothing to replay
+        return epochs_trained, batches_to_skip
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         with reliability.no_end_of_training_rotation(self.args):
