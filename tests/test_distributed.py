@@ -224,6 +224,30 @@ def test_ddp_accelerate_parity_and_data_sharding(workdir, recipe_config, referen
     assert rank0["tokenize_batches"] > 0 and rank1["tokenize_batches"] == 0  # rank 1 loaded rank 0's cache
 
 
+STREAM_STEPS = 10
+
+
+@multiprocess
+def test_streaming_ranks_get_disjoint_batches_of_the_single_process_stream(workdir, recipe_config):
+    # A stream has no length to shard by index: accelerate reads it on rank 0 and hands each rank its slice
+    # (dispatch_batches), so 2 x 4 rows per step are exactly the rows one process takes 8 at a time.
+    stream = ["--streaming", "true", "--max_steps", str(STREAM_STEPS), "--validation_split", "0.3"]
+    single = _launch(
+        workdir, "stream-single", [sys.executable, str(LAUNCH)], recipe_config, *stream,
+        "--per_device_train_batch_size", str(WORLD * PER_DEVICE),
+    )  # fmt: skip
+    run = _launch(workdir, "stream-ddp", accelerate("cpu.yaml"), recipe_config, *stream)
+    (rank0, rank1), (reference,) = run.ranks, single.ranks
+    assert len(rank0["samples"]) == len(rank1["samples"]) == STREAM_STEPS * PER_DEVICE
+    assert not set(rank0["samples"]) & set(rank1["samples"])
+    assert sorted(rank0["samples"] + rank1["samples"]) == sorted(reference["samples"])
+    steps = sorted(single.losses)
+    torch.testing.assert_close(
+        torch.tensor([run.losses[s] for s in steps]), torch.tensor([single.losses[s] for s in steps]),
+        atol=LOSS_ATOL, rtol=0,
+    )  # fmt: skip
+
+
 @multiprocess
 def test_zero1_parity(workdir, recipe_config, reference, ds_ops):
     run = _launch(workdir, "zero1", accelerate("deepspeed_zero1.yaml"), recipe_config)
