@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +84,21 @@ def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
     for group in dataclasses:
         shown = {k: "<redacted>" if k.endswith("_token") and v else v for k, v in vars(group).items()}
         logger.info("%s: %s", type(group).__name__, {k: v for k, v in shown.items() if not k.startswith("_")})
-    # TrainingArguments has ~150 fields: show the ones this run sets away from transformers' defaults.
-    reference = TrainingArguments(output_dir=args.output_dir, use_cpu=args.use_cpu)
-    changed = {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainingArguments)
-        if f.init and not f.name.endswith("_token") and getattr(args, f.name) != getattr(reference, f.name, None)
-    }
+    # TrainingArguments has ~150 fields: show the ones this run sets away from transformers' declared defaults.
+    # (Not by building a reference TrainingArguments: on one rank only, that resets the global DeepSpeed
+    # config, so ZeRO-3's zero.Init then ran on the other ranks alone and the collectives hung.)
+    changed = {}
+    for f in fields(TrainingArguments):
+        if not f.init or f.name.endswith("_token"):
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        value = getattr(args, f.name)
+        if (
+            default is not MISSING
+            and value != default
+            and not (value in ([], [default]) or str(value) == str(default))
+        ):
+            changed[f.name] = value
     logger.info("TrainingArguments (non-default): %s", changed)
 
 

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     config._attn_implementation = model_args.attn_implementation
     set_seed(args.seed)  # the initial weights: the same flags give the same run
-    # Built whole on every rank: `_from_config` (deepspeed.zero.Init under ZeRO-3) hung the 2-process CPU test.
+    # Built whole on every rank, from the seed, so every mode starts from the same weights as one process
+    # (zero.Init via `_from_config` draws other initial values). Fine while one copy fits in CPU memory.
     model = LMForCausalLM(config)
     tokens_per_step = (
         args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size

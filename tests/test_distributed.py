@@ -313,6 +313,42 @@ def test_zero3_parity_consolidated_save_and_resume(workdir, recipe_config, refer
 
 
 @multiprocess
+def test_zero3_finetune_adds_chat_tokens_and_saves_the_resized_model(workdir, ds_ops):
+    # from_pretrained under ZeRO-3 builds the model sharded (zero.Init); the ChatML markers then resize the
+    # sharded embeddings (transformers gathers them) and the saved model is the full, resized one.
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lmkit.tokenizer import build_tokenizer
+
+    base = workdir / "ft-base"
+    tok = build_tokenizer("char", ["abcdefg reverse\n"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    words = ["abc", "bad", "cafe", "dge", "fed", "gab", "ace", "bead"] * 6
+    rows = [{"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+            for w in words]  # fmt: skip
+    data = workdir / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = workdir / "ft-zero3"
+    _run(
+        accelerate("deepspeed_zero3.yaml")[:-1] + [str(REPO / "recipes" / "finetune.py"),
+        "--model_name_or_path", str(base), "--train_files", str(data), "--output_dir", str(out), "--block_size", "64",
+        "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--bf16", "true", "--disable_tqdm", "true"],
+        None,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out)
+    n = len(tok) + 2  # <|im_start|>, <|im_end|>
+    assert model.get_input_embeddings().weight.shape == (n, 32)
+    assert model.get_output_embeddings().weight.shape == (n, 32)
+    assert all(p.abs().sum() > 0 for p in model.parameters())  # not ZeRO-3's empty placeholders
+
+
+@multiprocess
 def test_fsdp_parity_and_consolidated_save(workdir, recipe_config, reference):
     run = _launch(workdir, "fsdp", accelerate("fsdp.yaml"), recipe_config)
     _assert_parity(run, reference)
