@@ -181,10 +181,6 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
     return total
 
 
-def world_info() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
 
 def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
     """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate."""
