@@ -181,7 +181,6 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
     return total
 
 
-
 def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
     """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate."""
     model = trainer.accelerator.unwrap_model(trainer.model)
