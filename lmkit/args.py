@@ -55,7 +55,8 @@ class ModelArguments:
     initializer_range: float = field(default=0.02, metadata={"help": "Std of the normal weight init."})
     attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention backend: sdpa, eager, flash_attention_2 (transformers' registry)."}
+        default="sdpa",
+        metadata={"help": "Attention backend: sdpa, eager, flash_attention_2 (transformers' registry)."},
     )
     loss_chunk_size: int = field(
         default=1024,
@@ -121,7 +122,9 @@ class DataArguments:
             "or 'document' (one per file). An EOS token separates documents."
         },
     )
-    block_size: int = field(default=256, metadata={"help": "Tokens per training example (inputs; targets shift by 1)."})
+    block_size: int = field(
+        default=256, metadata={"help": "Tokens per training example (inputs; targets shift by 1)."}
+    )
     max_eval_blocks: int | None = field(
         default=None,
         metadata={"help": "Keep only the first N validation blocks. None: all of them (1024 with --streaming)."},
