@@ -46,7 +46,7 @@ def lmkit_defaults(args: argparse.Namespace) -> dict:
         "torch_compile": args.compile,
         "optim": "adamw_torch_fused",
         "attn": "sdpa",
-        "loss_chunk_size": 1024,
+        "loss_chunk_size": None,  # auto: 2**25 logits per chunk
     }
 
 

@@ -58,9 +58,12 @@ class ModelArguments:
         default="sdpa",
         metadata={"help": "Attention backend: sdpa, eager, flash_attention_2 (transformers' registry)."},
     )
-    loss_chunk_size: int = field(
-        default=1024,
-        metadata={"help": "Tokens per chunk of the fused LM-head + cross-entropy; 0 computes full logits."},
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the fused LM-head + cross-entropy; 0 computes full logits; None sizes "
+            "chunks to 2**25 logits (about 1,000 tokens at vocab 32k)."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code shipped with a hub checkpoint to run. Off unless you pass it."}
@@ -80,7 +83,7 @@ class ModelArguments:
         kv = self.num_key_value_heads
         if kv is not None and (kv <= 0 or self.num_attention_heads % kv):
             problems.append(f"--num_key_value_heads {kv} must divide --num_attention_heads {self.num_attention_heads}")
-        if self.loss_chunk_size < 0:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             problems.append(f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         if problems:
             raise LMKitError("; ".join(problems))

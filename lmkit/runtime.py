@@ -181,6 +181,18 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
     return total
 
 
+def _eval_of_final_step(trainer: Any) -> dict[str, float] | None:
+    """The metrics of an evaluation the Trainer already ran on the final weights (an eval step that fell on the last
+    step), so the end of the run does not score the same weights twice; None when there is none."""
+    if trainer.args.load_best_model_at_end:  # the final weights are the best checkpoint's, not the last step's
+        return None
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if not evals or evals[-1].get("step") != trainer.state.global_step:
+        return None
+    last = evals[-1]
+    return {key: value for key, value in last.items() if key != "step"}
+
+
 def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
     """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -191,7 +203,7 @@ def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
         base.generation_config.save_pretrained(trainer.args.output_dir)  # an adapter save omits it
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
+    metrics = _eval_of_final_step(trainer) or trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()

@@ -95,7 +95,11 @@ def test_config_defaults_and_derived_fields():
     assert config.head_dim == 32
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
     assert config.tie_word_embeddings is True
-    assert config.loss_chunk_size == 1024
+    assert config.loss_chunk_size is None  # auto: 2**25 logits per chunk, at least 256 tokens
+    assert config.loss_chunk_tokens == 2**25 // config.vocab_size
+    assert LMConfig(vocab_size=32000).loss_chunk_tokens == 1048
+    assert LMConfig(vocab_size=1_000_000).loss_chunk_tokens == 256
+    assert LMConfig(loss_chunk_size=0).loss_chunk_tokens == 0
     assert LMConfig(hidden_size=64, rope_theta=500000.0).rope_parameters["rope_theta"] == 500000.0
 
 

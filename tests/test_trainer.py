@@ -137,3 +137,47 @@ def test_logs_perplexity_tokens_per_second_and_eval(tmp_path):
         assert "grad_norm" in h and "learning_rate" in h
     assert train_logs[1]["tokens_per_second"] > 0
     assert eval_logs[0]["eval_perplexity"] == pytest.approx(math.exp(eval_logs[0]["eval_loss"]))
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_compiled_training_drops_the_short_last_batch_only_for_training(tmp_path, compile_):
+    # 16 rows in batches of 5: 5, 5, 5, 1. Under torch.compile the 1-row batch would recompile the model.
+    args = training_args(tmp_path, per_device_train_batch_size=5, per_device_eval_batch_size=5, torch_compile=compile_)
+    trainer = LMTrainer(
+        model=tiny_model(), args=args, train_dataset=ragged_rows(), eval_dataset=ragged_rows(),
+        data_collator=CausalLMCollator(pad_token_id=0),
+    )  # fmt: skip
+    train_sizes = [len(batch["input_ids"]) for batch in trainer.get_train_dataloader()]
+    eval_sizes = [len(batch["input_ids"]) for batch in trainer.get_eval_dataloader()]
+    assert train_sizes == ([5, 5, 5] if compile_ else [5, 5, 5, 1])
+    assert eval_sizes == [5, 5, 5, 1]  # evaluation always scores every row
+    assert trainer.args.dataloader_drop_last is False  # the user's setting is left as it was
+
+
+class EvalCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize("eval_steps, expected_evals", [(4, [4, 8]), (3, [3, 6, 8])])
+def test_final_evaluation_reuses_an_eval_on_the_last_step(tmp_path, eval_steps, expected_evals):
+    from lmkit.runtime import save_and_evaluate
+
+    counter = EvalCounter()
+    args = training_args(
+        tmp_path, per_device_train_batch_size=2, max_steps=8, eval_strategy="steps", eval_steps=eval_steps,
+        logging_steps=4, save_strategy="no",
+    )  # fmt: skip
+    trainer = LMTrainer(
+        model=tiny_model(), args=args, train_dataset=ragged_rows(), eval_dataset=ragged_rows(6),
+        data_collator=CausalLMCollator(pad_token_id=0), callbacks=[counter],
+    )  # fmt: skip
+    metrics = save_and_evaluate(trainer, trainer.train())
+    # eval_steps 4: the step-8 evaluation already scored the final weights, so it is not run again
+    assert counter.steps == expected_evals
+    last_eval = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
+    assert metrics["eval_loss"] == last_eval["eval_loss"]
+    assert math.isclose(metrics["eval_loss"], trainer.evaluate()["eval_loss"], rel_tol=1e-6)

@@ -7,6 +7,10 @@ import math
 
 from transformers import PretrainedConfig
 
+# Logits per chunk of the fused LM-head + cross-entropy when `loss_chunk_size` is None: 2**25 fp32 values are 128 MiB,
+# at vocab 32,000 the same ~1,000 tokens a fixed chunk would take, while a small vocabulary gets whole batches.
+LOSS_CHUNK_ELEMENTS = 2**25
+
 
 class LMConfig(PretrainedConfig):
     r"""Shape and training knobs of an lmkit model: a Llama-architecture decoder (pre-norm RMSNorm, rotary
@@ -50,10 +54,13 @@ class LMConfig(PretrainedConfig):
             the residual stream (`o_proj`, `down_proj`) use initializer_range / sqrt(2 * num_hidden_layers).
         attention_dropout (`float`, defaults to 0.0):
             Dropout probability on the attention weights, active in training mode only.
-        loss_chunk_size (`int`, defaults to 1024):
+        loss_chunk_size (`int`, *optional*):
             When > 0 and the model computes a loss in training mode, the LM head and the fp32 cross-entropy run
             fused over chunks of this many tokens, so the full (tokens, vocab) fp32 logits and their gradient never
             exist at once; the forward then returns `logits=None`. 0 computes full logits and a plain loss.
+            None (the default) sizes the chunk from the vocabulary: as many tokens as fit `LOSS_CHUNK_ELEMENTS`
+            (2**25) logits, 128 MiB in fp32 (1,048 tokens at vocab 32,000; 8,192 at 4,096), at least 256. A batch
+            that fits in one chunk then skips the recomputation that chunking costs.
         use_cache (`bool`, defaults to `True`):
             Return the key/value cache from forward (used by `generate`).
         bos_token_id (`int`, *optional*):
@@ -97,7 +104,7 @@ class LMConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         attention_dropout: float = 0.0,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
         use_cache: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -143,6 +150,13 @@ class LMConfig(PretrainedConfig):
         """Channels per attention head (read by transformers' RoPE and cache utilities)."""
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def loss_chunk_tokens(self) -> int:
+        """Tokens per chunk of the fused LM-head + cross-entropy (0: not chunked), `loss_chunk_size` resolved."""
+        if self.loss_chunk_size is not None:
+            return self.loss_chunk_size
+        return max(256, LOSS_CHUNK_ELEMENTS // self.vocab_size)
+
     def _check_fields(self) -> None:
         problems = []
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -174,7 +188,7 @@ class LMConfig(PretrainedConfig):
             problems.append(f"`initializer_range` must be > 0, got {self.initializer_range}")
         if not 0.0 <= self.attention_dropout < 1.0:
             problems.append(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}")
-        if self.loss_chunk_size < 0:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             problems.append(f"`loss_chunk_size` must be >= 0 (0 disables chunking), got {self.loss_chunk_size}")
         if problems:
             raise ValueError("Invalid LMConfig: " + "; ".join(problems))

@@ -355,7 +355,7 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
                 arguments).
 
         Targets equal to -100 are ignored. The cross-entropy is always computed in fp32. In training mode with
-        `config.loss_chunk_size > 0` the LM head and the cross-entropy run fused over chunks of tokens, each chunk
+        `config.loss_chunk_tokens > 0` the LM head and the cross-entropy run fused over chunks of tokens, each chunk
         under activation checkpointing, so the full `(B*T, vocab)` logits never exist: the output then carries
         `logits=None`. In eval mode, without targets, or with `loss_chunk_size=0`, the logits are returned.
         """
@@ -379,7 +379,7 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
         if shift_labels is None and labels is not None:
             # Position t is scored against token t + 1; the last position has no target.
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-        fused = shift_labels is not None and self.training and self.config.loss_chunk_size > 0
+        fused = shift_labels is not None and self.training and self.config.loss_chunk_tokens > 0
 
         logits = None
         if not fused:
@@ -421,7 +421,7 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
         paid only when there is more than one chunk.
         The head is called as a module, so its hooks (peft, FSDP, DeepSpeed ZeRO-3) run as usual.
         """
-        chunk = self.config.loss_chunk_size
+        chunk = self.config.loss_chunk_tokens
         if hidden.shape[0] <= chunk:  # one chunk: its logits are the only ones alive anyway, so skip the recompute
             return self._head_loss_sum(hidden, targets)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -436,7 +436,7 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
 
     def _logits_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed CE of existing logits (N, vocab); the fp32 upcast goes chunk by chunk when chunking is on."""
-        chunk = self.config.loss_chunk_size or logits.shape[0]
+        chunk = self.config.loss_chunk_tokens or logits.shape[0]
         loss_sum = logits.new_zeros((), dtype=torch.float32)
         for start in range(0, logits.shape[0], chunk):
             loss_sum = loss_sum + fp32_cross_entropy_sum(logits[start : start + chunk], targets[start : start + chunk])
