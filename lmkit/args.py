@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from lmkit.errors import LMKitError
 
@@ -177,6 +178,13 @@ class LMTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (<1) of all steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers, or 'none'."})
+    bf16: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast. Unset (auto): on where the hardware runs bf16 matmuls natively (a CUDA GPU "
+            "with bf16, a CPU with AMX or AVX512-BF16), off elsewhere, where bf16 is emulated and slower than fp32."
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
     eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N optimizer steps."})
@@ -231,14 +239,36 @@ class LMTrainingArguments(TrainingArguments):
             raise LMKitError("; ".join(problems))
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # a laptop without an accelerator: bf16 autocast then runs on the CPU
+        if self.bf16 == "auto":
+            self.bf16 = not self.fp16 and native_bf16(cpu=self.use_cpu)
         try:
             super().__post_init__()
         except (ValueError, ImportError) as err:
             raise LMKitError(f"training arguments: {err}") from err
 
 
+def _bool_or_auto(value: str) -> bool | str:
+    return "auto" if value == "auto" else string_to_bool(value)
+
+
+def native_bf16(cpu: bool) -> bool:
+    """Whether bf16 autocast is the fast choice here: the device multiplies bf16 matrices in hardware."""
+    if not cpu and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if cpu:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False  # other accelerators (MPS, XPU, ...): leave it to an explicit --bf16
+
+
 class _Parser(HfArgumentParser):
     """HfArgumentParser whose usage errors are one line that names the flag, and exit non-zero."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.dest == "bf16" and isinstance(action.default, str):
+                # argparse runs string defaults through `type`, and HfArgumentParser's bool parser rejects "auto"
+                action.type = _bool_or_auto
 
     def error(self, message: str) -> None:  # argparse's hook; never returns
         raise LMKitError(message)

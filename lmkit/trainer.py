@@ -82,6 +82,11 @@ class LMTrainer(Trainer):
         self.nonfinite_guard.observe_loss(loss)
         return loss
 
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.nonfinite_guard.observe_grad_norm(grad_norm)
+        return grad_norm
+
     # -- crash-safe saving (lmkit.reliability) ----------------------------------------------------------------
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)

@@ -34,7 +34,7 @@ def make_checkpoint(path: Path, tokenizer: str = "char", max_positions: int = 64
         (path / "trainer_state.json").write_text(json.dumps(state))
         (path / "eval_results.json").write_text(json.dumps({"eval_loss": 3.25, "eval_perplexity": math.exp(3.25)}))
         args = LMTrainingArguments(
-            output_dir=str(path), report_to="none", use_cpu=True, learning_rate=1e-3, max_steps=8
+            output_dir=str(path), report_to="none", use_cpu=True, learning_rate=1e-3, max_steps=8, bf16=False
         )
         torch.save(args, path / "training_args.bin")
     return model, tok

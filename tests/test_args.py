@@ -63,3 +63,35 @@ def test_bad_config_names_the_field(tmp_path, yaml_text, argv, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(LMKitError, match="--config .*nope.yaml: no such file"):
         parse_args(argv=["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected", [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_bf16_defaults_to_what_the_cpu_runs_natively(tmp_path, monkeypatch, amx, avx512_bf16, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    assert args.bf16 is expected
+    assert args.mixed_precision == ("bf16" if expected else "no")
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "auto"])
+    assert args.bf16 is expected
+
+
+@pytest.mark.parametrize(
+    "argv, bf16, fp16",
+    [(["--bf16"], True, False), (["--bf16", "false"], False, False), (["--fp16", "true"], False, True)],
+)
+def test_explicit_precision_wins_over_auto(tmp_path, monkeypatch, argv, bf16, fp16):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true", *argv])
+    assert (args.bf16, args.fp16) == (bf16, fp16)
+
+
+def test_bf16_rejects_other_words(tmp_path):
+    with pytest.raises(LMKitError, match="--bf16"):
+        parse_args(argv=["--output_dir", str(tmp_path), "--bf16", "maybe"])

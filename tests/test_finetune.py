@@ -198,7 +198,7 @@ def test_lora_with_checkpointing_trains_adapters_and_leaves_base_untouched(lmkit
     train, _ = reversal_task()
     args = LMTrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
-        disable_tqdm=True, max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, warmup_steps=0,
+        disable_tqdm=True, max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, warmup_steps=0, bf16=False,
         activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": use_reentrant},
     )  # fmt: skip
     catcher = FirstStepGrads(model)

@@ -279,20 +279,26 @@ def test_disk_full_during_save_leaves_last_checkpoint(tmp_path, monkeypatch):
 
 
 class Poison(TrainerCallback):
-    """Makes the gradient of the given optimizer steps NaN (after backward, before the guard looks)."""
+    """Makes one gradient element NaN during the backward of the given optimizer steps, as an overflow would."""
 
     def __init__(self, steps):
-        self.steps = set(steps)
+        self.steps, self.state = set(steps), None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 in self.steps:
-            next(model.parameters()).grad[0, 0] = float("nan")
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state = state
+        next(model.parameters()).register_hook(self.poison)
+
+    def poison(self, grad):
+        if self.state.global_step + 1 not in self.steps:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=8, save_strategy="no")
-    # The poisoner must run before the guard: put it first.
-    trainer.callback_handler.callbacks.insert(0, Poison({3, 4, 6}))
+    trainer.add_callback(Poison({3, 4, 6}))
     before = {}
 
     class Snapshot(TrainerCallback):
@@ -462,3 +468,20 @@ def test_trust_remote_code_is_off_unless_passed():
     assert ckpt.trust_remote_code is False
     (model_args,) = parse_args((ModelArguments,), argv=["--trust_remote_code", "true"])
     assert model_args.trust_remote_code is True
+
+
+@pytest.mark.parametrize("grad_norm", [None, float("nan"), float("inf"), 1.5])
+def test_guard_reads_the_grad_norm_or_scans_the_gradients(grad_norm):
+    from types import SimpleNamespace
+
+    from lmkit.reliability import NonFiniteGuard
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.ones(2, 3)
+    model.bias.grad = torch.tensor([1.0, float("nan")])  # seen by the scan, not by a norm computed before it
+    guard = NonFiniteGuard(max_consecutive=5)
+    guard.observe_grad_norm(grad_norm)
+    guard.on_pre_optimizer_step(SimpleNamespace(world_size=1), SimpleNamespace(global_step=0), None, model=model)
+    skipped = grad_norm is None or grad_norm != 1.5
+    assert guard.total == int(skipped)
+    assert (model.weight.grad is None) == skipped

@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0) -> LMForCausalLM:
 def training_args(tmp_path, **overrides) -> LMTrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
-        disable_tqdm=True, dataloader_drop_last=False, seed=1,
+        disable_tqdm=True, dataloader_drop_last=False, seed=1, bf16=False,
     )  # fmt: skip
     return LMTrainingArguments(**{**defaults, **overrides})
 
@@ -140,8 +140,11 @@ def test_logs_perplexity_tokens_per_second_and_eval(tmp_path):
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_compiled_training_drops_the_short_last_batch_only_for_training(tmp_path, compile_):
+def test_compiled_training_drops_the_short_last_batch_only_for_training(tmp_path, monkeypatch, compile_):
     # 16 rows in batches of 5: 5, 5, 5, 1. Under torch.compile the 1-row batch would recompile the model.
+    # TrainingArguments(torch_compile=True) exports ACCELERATE_DYNAMO_* for the whole process: restore them after.
+    for var in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+        monkeypatch.delenv(var, raising=False)
     args = training_args(tmp_path, per_device_train_batch_size=5, per_device_eval_batch_size=5, torch_compile=compile_)
     trainer = LMTrainer(
         model=tiny_model(), args=args, train_dataset=ragged_rows(), eval_dataset=ragged_rows(),
