@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -45,7 +46,7 @@ def lmkit_defaults(args: argparse.Namespace) -> dict:
         "bf16": args.dtype == "bf16",
         "torch_compile": args.compile,
         "optim": "adamw_torch_fused",
-        "attn": "sdpa",
+        "attn": "auto",  # eager for compiled CPU runs of <= 256 tokens, else sdpa (lmkit.perf)
         "loss_chunk_size": None,  # auto: 2**25 logits per chunk
     }
 
@@ -73,7 +74,7 @@ def child(spec: dict) -> dict:
     from lmkit import LMConfig, LMForCausalLM
     from lmkit.args import LMTrainingArguments
     from lmkit.collator import CausalLMCollator
-    from lmkit.perf import training_flops_per_token
+    from lmkit.perf import resolve_attn_implementation, training_flops_per_token
     from lmkit.runtime import num_parameters
     from lmkit.trainer import LMTrainer
 
@@ -88,7 +89,8 @@ def child(spec: dict) -> dict:
             vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, max_position_embeddings=T,
             loss_chunk_size=opts["loss_chunk_size"],
         )  # fmt: skip
-        config._attn_implementation = opts["attn"]
+        on_cpu = SimpleNamespace(torch_compile=opts["torch_compile"], use_cpu=spec["device"] == "cpu")
+        config._attn_implementation = resolve_attn_implementation(opts["attn"], on_cpu, T)
         model = LMForCausalLM(config)
         n_rows = len(tokens) // (T + 1)
         rows = tokens[: n_rows * (T + 1)].reshape(n_rows, T + 1)  # the collator shifts: T inputs, T targets

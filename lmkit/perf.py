@@ -40,9 +40,10 @@ GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
 
 # Under torch.compile on a CPU, the plain attention math (`eager`) is faster than SDPA's CPU flash kernel for short
 # sequences: inductor fuses the mask, softmax and casts around two batched matmuls, while the flash backward stays
-# one slow opaque kernel. Measured, 4 x 256 model, bf16, 2 threads: seq 256 112 vs 126 ms/step (eager wins 11%),
-# seq 512 ... ; at seq 1024 both take the same time and eager's (T x T) scores raise peak RSS by 28%.
-CPU_COMPILED_EAGER_ATTENTION_MAX_SEQ = 512
+# one opaque kernel. Measured on a 4 x 256 model, bf16, 2 threads, 2,048 tokens per step: seq 256 112 vs 126
+# ms/step (eager 11% faster); seq 512 155 vs 150 ms/step (no gain, eager +12% peak RSS); seq 1024 the same time,
+# eager +28% peak RSS from its (T x T) scores.
+CPU_COMPILED_EAGER_ATTENTION_MAX_SEQ = 256
 
 
 def resolve_attn_implementation(requested: str, args: Any, seq_len: int) -> str:

@@ -34,6 +34,7 @@ from lmkit.finetune import (
     resolve_starting_point,
 )
 from lmkit.finetune_args import FinetuneArguments
+from lmkit.perf import resolve_attn_implementation
 from lmkit.runtime import (
     check_output_dir,
     log_startup,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- model ------------------------------------------------------------------------------------------------
     model = load_model(
         spec,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=resolve_attn_implementation(model_args.attn_implementation, args, data_args.block_size),
         trust_remote_code=model_args.trust_remote_code,
         load_in_4bit=ft_args.load_in_4bit,
     )

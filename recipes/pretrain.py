@@ -23,6 +23,7 @@ from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, main_entry
+from lmkit.perf import resolve_attn_implementation
 from lmkit.runtime import (
     check_output_dir,
     log_startup,
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config._attn_implementation = model_args.attn_implementation
+    config._attn_implementation = resolve_attn_implementation(
+        model_args.attn_implementation, args, data_args.block_size
+    )
     set_seed(args.seed)  # the initial weights: the same flags give the same run
     # Built whole on every rank, from the seed, so every mode starts from the same weights as one process
     # (zero.Init via `_from_config` draws other initial values). Fine while one copy fits in CPU memory.
@@ -93,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size
     )
     logger.info(
-        "model: %s parameters (%s without embeddings); %s tokens per optimizer step; %d train / %d eval blocks",
+        "model: %s parameters (%s without embeddings), %s attention; %s tokens per optimizer step; "
+        "%d train / %d eval blocks",
         f"{num_parameters(model):,}",
         f"{num_parameters(model, exclude_embeddings=True):,}",
+        config._attn_implementation,
         f"{tokens_per_step:,}",
         len(datasets["train"]) if hasattr(datasets["train"], "__len__") else -1,
         len(datasets["validation"]),

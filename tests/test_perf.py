@@ -226,3 +226,23 @@ def test_trainer_logs_mfu_and_data_wait(tmp_path):
         implied = log["mfu"] * 1e9 / training_flops_per_token(model.config, T)
         assert math.isclose(implied, log["tokens_per_second"], rel_tol=0.1)
         assert 0.0 <= log["data_wait_fraction"] < 1.0
+
+
+@pytest.mark.parametrize(
+    "requested, compile_, cpu, seq_len, expected",
+    [
+        ("auto", True, True, 256, "eager"),  # compiled CPU, short sequences: inductor's fused math wins
+        ("auto", True, True, 257, "sdpa"),
+        ("auto", False, True, 64, "sdpa"),  # eager mode: SDPA is never slower
+        ("auto", True, False, 64, "sdpa"),  # GPUs: flash / memory-efficient kernels
+        ("eager", False, False, 4096, "eager"),  # an explicit choice is kept
+        ("flash_attention_2", True, True, 64, "flash_attention_2"),
+    ],
+)
+def test_auto_attention_choice(requested, compile_, cpu, seq_len, expected):
+    from types import SimpleNamespace
+
+    from lmkit.perf import resolve_attn_implementation
+
+    args = SimpleNamespace(torch_compile=compile_, use_cpu=cpu)
+    assert resolve_attn_implementation(requested, args, seq_len) == expected
