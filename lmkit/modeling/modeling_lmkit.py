@@ -272,12 +272,9 @@ class LMModel(LMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, hidden)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            T = inputs_embeds.shape[1]
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
-
         # Causal and padding-aware, in the form the configured attention backend wants (None lets sdpa use is_causal).
+        # Only caller-given positions can mark packed documents (a restart at 0 starts a new document); default ones
+        # are left out, which under torch.compile spares every attention layer a per-token document comparison.
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -285,6 +282,10 @@ class LMModel(LMPreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            T = inputs_embeds.shape[1]
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, T, head_dim)
 
         hidden_states = inputs_embeds
