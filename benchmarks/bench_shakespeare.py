@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -136,6 +137,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument(
+        "--warm_compile_cache",
+        action="store_true",
+        help="let lmkit reuse torch.compile's on-disk cache (default: a fresh cache, so the compile is timed)",
+    )
+    parser.add_argument(
         "--extra", default="", help="extra flags for lmkit's recipe, e.g. --extra='--torch_compile true'"
     )
     args = parser.parse_args()
@@ -149,7 +155,10 @@ def main() -> None:
     cmd = [sys.executable, "recipes/pretrain.py", "--config", "recipes/configs/shakespeare-char.yaml",
            "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", "--max_steps", str(args.steps),
            *shlex.split(args.extra)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ)
+    if not args.warm_compile_cache:  # a first run compiles from scratch: time that, not a cache hit
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(out / "inductor-cache")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"lmkit recipe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

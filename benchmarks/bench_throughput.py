@@ -30,7 +30,10 @@ sys.path.insert(0, str(REPO))
 
 # name -> (model kind, lmkit overrides). "plain" is the fp32 eager path with every lever off; each lever row turns
 # exactly one on. "lmkit" is the default configuration.
-PLAIN = {"bf16": False, "torch_compile": False, "optim": "adamw_torch", "attn": "eager", "loss_chunk_size": 0}
+PLAIN = {
+    "bf16": False, "torch_compile": False, "optim": "adamw_torch", "attn": "eager", "loss_chunk_size": 0,
+    "cpu_allocator_reuse": False,
+}  # fmt: skip
 LEVERS = {
     "lmkit plain fp32": PLAIN,
     "  + bf16 autocast": {**PLAIN, "bf16": True},
@@ -38,6 +41,7 @@ LEVERS = {
     "  + fused AdamW": {**PLAIN, "optim": "adamw_torch_fused"},
     "  + SDPA": {**PLAIN, "attn": "sdpa"},
     "  + chunked loss": {**PLAIN, "loss_chunk_size": 1024},
+    "  + allocator reuse": {**PLAIN, "cpu_allocator_reuse": True},
 }
 
 
@@ -48,6 +52,7 @@ def lmkit_defaults(args: argparse.Namespace) -> dict:
         "optim": "adamw_torch_fused",
         "attn": "auto",  # eager for compiled CPU runs of <= 256 tokens, else sdpa (lmkit.perf)
         "loss_chunk_size": None,  # auto: 2**25 logits per chunk
+        "cpu_allocator_reuse": True,
     }
 
 
@@ -97,7 +102,8 @@ def child(spec: dict) -> dict:
         data = Dataset.from_dict({"input_ids": rows.tolist()})
         collator = CausalLMCollator(pad_token_id=V - 1)
         args_cls, trainer_cls = LMTrainingArguments, LMTrainer
-        extra = {"optim": opts["optim"], "bf16": opts["bf16"], "torch_compile": opts["torch_compile"]}
+        extra = {"optim": opts["optim"], "bf16": opts["bf16"], "torch_compile": opts["torch_compile"],
+                 "cpu_allocator_reuse": opts["cpu_allocator_reuse"]}  # fmt: skip
         extra["peak_flops"] = spec["peak"][spec["dtype"] if opts["bf16"] else "fp32"]
     else:
         if kind == "gpt2":

@@ -216,6 +216,13 @@ class LMTrainingArguments(TrainingArguments):
             "matmul benchmark when training starts (CPUs)."
         },
     )
+    cpu_allocator_reuse: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU runs: have glibc malloc keep and reuse the memory each step frees instead of returning it "
+            "to the OS and faulting fresh pages in on the next step (lmkit.perf.keep_freed_memory)."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={
@@ -245,6 +252,11 @@ class LMTrainingArguments(TrainingArguments):
             self.use_cpu = True  # a laptop without an accelerator: bf16 autocast then runs on the CPU
         if self.bf16 == "auto":
             self.bf16 = not self.fp16 and native_bf16(cpu=self.use_cpu)
+        if self.torch_compile and self.use_cpu and not _have_cpp_compiler():
+            raise LMKitError(
+                "--torch_compile on a CPU needs a C++ compiler for its kernels (g++ or clang++, or set $CXX): install "
+                "one or pass --torch_compile false"
+            )
         try:
             super().__post_init__()
         except (ValueError, ImportError) as err:
@@ -253,6 +265,16 @@ class LMTrainingArguments(TrainingArguments):
 
 def _bool_or_auto(value: str) -> bool | str:
     return "auto" if value == "auto" else string_to_bool(value)
+
+
+def _have_cpp_compiler() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler  # what inductor itself will look for
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or a failing compiler probe
+        return False
+    return True
 
 
 def native_bf16(cpu: bool) -> bool:

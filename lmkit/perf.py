@@ -7,7 +7,9 @@ training dtype. "Model FLOPs" are the FLOPs the math needs, not what the impleme
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from typing import Any
 
@@ -199,6 +201,33 @@ def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float
 # ---------------------------------------------------------------------------------------------------------------
 # Data wait
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# glibc mallopt parameters (malloc.h) and the values lmkit sets; see `keep_freed_memory`.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's ceiling for this setting on 64-bit
+TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a training step frees, so the next step reuses it (True if applied).
+
+    By default glibc serves blocks of more than 128 KiB - 32 MiB (the threshold adapts) with fresh mmap()s and hands
+    freed heap memory back to the OS past 128 KiB of slack, so every step's activations, gradients and logits land in
+    new pages that the kernel must fault in and zero. CPU training pays for that on every step (measured: 2,000
+    steps of shakespeare-char with torch.compile, 28.6k -> 38.4k tokens/s). Blocks up to 32 MiB now come from the
+    heap and up to 1 GiB of free heap stays mapped; it is reused, not leaked. Only where the C library is glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError on musl and other C libraries)
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 class DataWaitTimer:

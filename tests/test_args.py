@@ -1,9 +1,13 @@
 """One parser: YAML config plus CLI overrides; unknown keys and bad values are one-line errors naming the field."""
 
+from pathlib import Path
+
 import pytest
 
 from lmkit.args import parse_args
 from lmkit.errors import LMKitError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -95,3 +99,31 @@ def test_explicit_precision_wins_over_auto(tmp_path, monkeypatch, argv, bf16, fp
 def test_bf16_rejects_other_words(tmp_path):
     with pytest.raises(LMKitError, match="--bf16"):
         parse_args(argv=["--output_dir", str(tmp_path), "--bf16", "maybe"])
+
+
+def test_compile_on_cpu_without_a_compiler_is_one_line(tmp_path, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def missing():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # TrainingArguments exports it when compile is on
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(LMKitError, match=r"--torch_compile on a CPU needs a C\+\+ compiler.*--torch_compile false"):
+        parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true", "--torch_compile", "true"])
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "recipes" / "configs").glob("*.yaml")))
+def test_every_preset_parses(tmp_path, monkeypatch, preset):
+    from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments
+    from lmkit.finetune_args import FinetuneArguments
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # a compiling preset exports it for the process
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
+    groups = (ModelArguments, DataArguments, LMTrainingArguments)
+    if preset.startswith("sft"):
+        groups = (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments)
+    # --use_cpu: the GPU presets ask for bf16, which TrainingArguments refuses on a machine without a bf16 GPU
+    parsed = parse_args(groups, argv=["--config", str(REPO / "recipes" / "configs" / preset), "--use_cpu", "true",
+                                      "--output_dir", str(tmp_path)])  # fmt: skip
+    assert parsed[-1].output_dir == str(tmp_path)
