@@ -209,7 +209,9 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--compile", action="store_true", help="lmkit's run with --torch_compile (default off)")
+    parser.add_argument(
+        "--compile", action="store_true", help="lmkit's run with --torch_compile (plus a row without it)"
+    )
     parser.add_argument("--levers", action="store_true", help="also run lmkit plain fp32 and each lever alone")
     parser.add_argument("--only_levers", action="store_true", help="run the lever rows only")
     parser.add_argument("--vocab_size", type=int, default=4096)
@@ -240,6 +242,8 @@ def main() -> None:
     runs: dict[str, dict] = {}
     if not args.only_levers:
         runs["lmkit"] = {"kind": "lmkit", "opts": lmkit_defaults(args)}
+        if args.compile:  # the same defaults without compile, for the runs too short to pay for it
+            runs["lmkit, no compile"] = {"kind": "lmkit", "opts": {**lmkit_defaults(args), "torch_compile": False}}
         runs["Llama (transformers)"] = {"kind": "llama", "opts": {}}
         runs["GPT-2 (transformers)"] = {"kind": "gpt2", "opts": {}}
     if args.levers or args.only_levers:
