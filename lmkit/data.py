@@ -409,7 +409,9 @@ def _tokenize_and_pack(
     )
 
 
-def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> dict[str, list[list[int]]]:
+def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> pa.Table:
+    """``{"input_ids": list<int32>}``, one row per text with EOS appended, built as Arrow arrays directly: handing
+    `datasets` Python lists of ints would cost a second conversion per token."""
     if any(t is None for t in texts):
         raise LMKitError("a document has no text (a null or missing text field; see --text_column)")
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -417,8 +419,11 @@ def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> dict[str, list[l
         ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     else:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
-    return {"input_ids": [doc + eos for doc in ids]}
+    eos = (tokenizer.eos_token_id,)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int32, count=len(ids)) + 1, out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(chain(doc, eos) for doc in ids), dtype=np.int32, count=int(offsets[-1]))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
 
 
 def _pack_batch(batch: pa.Table, indices: list[int], tokens: Any, starts: np.ndarray, block_len: int) -> pa.Table:
@@ -557,13 +562,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         carry = np.empty(0, dtype=np.int32)
         for batch in self.docs.iter(batch_size=_TOKENIZE_BATCH):
             next_base = self.docs.state_dict()  # where the next read batch begins
-            ids = _tokenize_batch(batch["text"][skip_docs:], self.tokenizer)["input_ids"]
-            tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32)[skip_tokens:]
+            docs = _tokenize_batch(batch["text"][skip_docs:], self.tokenizer).column("input_ids").combine_chunks()
+            tokens = docs.values.to_numpy()[skip_tokens:]
             flat = np.concatenate([carry, tokens])
             # starts[d]: where document skip_docs + d of this batch begins in `flat` (negative if partly used up)
-            starts = np.zeros(len(ids) + 1, dtype=np.int64)
-            np.cumsum([len(doc) for doc in ids], out=starts[1:])
-            starts += len(carry) - skip_tokens
+            starts = docs.offsets.to_numpy().astype(np.int64) + len(carry) - skip_tokens
             n = len(flat) // block_len
             for j in range(n):
                 end = (j + 1) * block_len

@@ -6,6 +6,8 @@ attention, unfused AdamW, full logits) from the same init and data, and compares
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,7 +56,7 @@ def train_losses(tmp_path, model_overrides=None, **arg_overrides) -> list[float]
     settings = dict(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
         disable_tqdm=True, per_device_train_batch_size=B, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
-        warmup_steps=0, seed=0, optim="adamw_torch", bf16=False, peak_flops=1e9,
+        warmup_steps=0, seed=0, optim="adamw_torch", bf16=False, peak_flops=1e9, cpu_allocator_reuse=False,
     )  # fmt: skip
     args = LMTrainingArguments(**{**settings, **arg_overrides})
     trainer = LMTrainer(
@@ -94,6 +96,11 @@ def test_fused_adamw_within_1e_4(tmp_path, plain_losses):
 
 def test_sdpa_within_1e_4(tmp_path, plain_losses):
     assert_losses_close(train_losses(tmp_path, {"_attn_implementation": "sdpa"}), plain_losses, rtol=1e-4)
+
+
+def test_allocator_reuse_is_exact(tmp_path, plain_losses):
+    # Where a tensor's memory comes from never changes its value.
+    assert train_losses(tmp_path, cpu_allocator_reuse=True) == plain_losses
 
 
 def test_chunked_loss_within_1e_5(tmp_path, plain_losses):
@@ -246,3 +253,33 @@ def test_auto_attention_choice(requested, compile_, cpu, seq_len, expected):
 
     args = SimpleNamespace(torch_compile=compile_, use_cpu=cpu)
     assert resolve_attn_implementation(requested, args, seq_len) == expected
+
+
+_MMAPPED_BYTES = """
+import ctypes, sys
+import torch
+from lmkit.perf import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory() if sys.argv[1] == "on" else False
+before = libc.mallinfo2().hblkhd
+block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB: above glibc's default 128 KiB mmap threshold
+print(applied, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_allocator_reuse_serves_big_blocks_from_the_heap():
+    # Separate processes: the malloc setting is process-wide and must not leak into other tests.
+    def mmapped(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, mode], capture_output=True, text=True, check=True)
+        applied, grown = out.stdout.split()
+        return applied, int(grown)
+
+    assert mmapped("off") == ("False", pytest.approx(16 << 20, abs=1 << 16))  # default: a fresh mmap per block
+    assert mmapped("on") == ("True", 0)  # tuned: carved from the heap, reused after free
