@@ -199,7 +199,7 @@ def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data wait
+# CPU allocator
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -228,6 +228,11 @@ def keep_freed_memory() -> bool:
     return bool(
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data wait
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class DataWaitTimer:
