@@ -17,6 +17,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lmkit.errors import LMKitError
 
@@ -90,6 +91,11 @@ class ModelArguments:
             problems.append(f"--num_key_value_heads {kv} must divide --num_attention_heads {self.num_attention_heads}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             problems.append(f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        backends = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if self.attn_implementation not in backends and "/" not in self.attn_implementation:  # "/": a hub kernel
+            problems.append(
+                f"--attn_implementation must be one of {', '.join(backends)}, got {self.attn_implementation!r}"
+            )
         if problems:
             raise LMKitError("; ".join(problems))
 

@@ -89,6 +89,7 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         pre("heads-not-dividing", "--num_attention_heads", "3", fragment="--hidden_size 32 is not divisible"),
         pre("validation-split-range", "--validation_split", "1.5", fragment="--validation_split"),
         pre("nonfinite-zero", "--max_nonfinite_steps", "0", fragment="--max_nonfinite_steps"),
+        pre("attn-unknown", "--attn_implementation", "foo", fragment="--attn_implementation must be one of auto, eager"),
         # -- data files ---------------------------------------------------------------------------------------
         pre("data-missing", fragment="nope.txt", data=str(tmp / "nope.txt")),
         pre("data-extension", fragment="unsupported file type", data=f("table.csv", "a,b\n1,2\n")),
