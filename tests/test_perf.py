@@ -41,32 +41,37 @@ def tiny_config(**overrides) -> LMConfig:
     return config
 
 
-def train_losses(tmp_path, model_overrides=None, **arg_overrides) -> list[float]:
-    """Per-step training losses of a tiny model (same init and data every call) under the given settings."""
+def train_logs(tmp_path, model_overrides=None, **arg_overrides) -> tuple[LMForCausalLM, list[dict]]:
+    """Train a tiny model (same init and data every call) under the given settings; the model and every log."""
     torch.manual_seed(0)
     model = LMForCausalLM(tiny_config(**(model_overrides or {})))
     rows = torch.randint(1, VOCAB, (B * STEPS, T + 1), generator=torch.Generator().manual_seed(1)).tolist()
-    losses: list[float] = []
+    logged: list[dict] = []
 
     class Record(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
+            logged.append(dict(logs or {}))
 
     settings = dict(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
         disable_tqdm=True, per_device_train_batch_size=B, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
         warmup_steps=0, seed=0, optim="adamw_torch", bf16=False, peak_flops=1e9, cpu_allocator_reuse=False,
     )  # fmt: skip
-    args = LMTrainingArguments(**{**settings, **arg_overrides})
     trainer = LMTrainer(
         model=model,
-        args=args,
+        args=LMTrainingArguments(**{**settings, **arg_overrides}),
         train_dataset=Dataset.from_dict({"input_ids": rows}),
         data_collator=CausalLMCollator(pad_token_id=0),
         callbacks=[Record()],
     )
     trainer.train()
+    return model, logged
+
+
+def train_losses(tmp_path, model_overrides=None, **arg_overrides) -> list[float]:
+    """Per-step training losses of a tiny model (same init and data every call) under the given settings."""
+    _, logged = train_logs(tmp_path, model_overrides, **arg_overrides)
+    losses = [log["loss"] for log in logged if "loss" in log]
     assert len(losses) == STEPS
     return losses
 
@@ -204,27 +209,7 @@ def test_data_wait_timer_fraction():
 
 
 def test_trainer_logs_mfu_and_data_wait(tmp_path):
-    logged: list[dict] = []
-
-    class Record(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logged.append(dict(logs or {}))
-
-    torch.manual_seed(0)
-    model = LMForCausalLM(tiny_config())
-    rows = torch.randint(1, VOCAB, (B * 4, T + 1)).tolist()
-    args = LMTrainingArguments(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
-        disable_tqdm=True, per_device_train_batch_size=B, max_steps=4, logging_steps=2, peak_flops=1e9,
-    )  # fmt: skip
-    trainer = LMTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_dict({"input_ids": rows}),
-        data_collator=CausalLMCollator(pad_token_id=0),
-        callbacks=[Record()],
-    )
-    trainer.train()
+    model, logged = train_logs(tmp_path, max_steps=4, logging_steps=2)  # peak_flops 1e9: 0.001 TFLOP/s
     steps = [log for log in logged if "loss" in log]
     assert len(steps) == 2
     for log in steps:
