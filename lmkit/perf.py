@@ -7,10 +7,16 @@ training dtype. "Model FLOPs" are the FLOPs the math needs, not what the impleme
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import logging
+import os
+import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,7 +191,7 @@ def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float
     """The peak matmul FLOP/s MFU is measured against, and where it came from ("configured", the GPU, "measured").
 
     ``override`` wins; a CUDA device is looked up in `GPU_PEAK_FLOPS` (measured when it is not listed); anything
-    else (a CPU) is measured with `measure_matmul_peak`.
+    else (a CPU) is measured with `measure_matmul_peak` once and then read from `cpu_peak_cache_file`.
     """
     if override:
         return float(override), "configured"
@@ -195,7 +201,51 @@ def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float
         if peak is not None:
             return peak, f"{name} data sheet"
         return measure_matmul_peak(dtype, device, size=8192), f"{name} measured"
-    return measure_matmul_peak(dtype, device), f"{device.type} measured"
+    return cached_cpu_peak(dtype)
+
+
+def cpu_peak_cache_file() -> Path:
+    """Where measured CPU peaks are kept: ``$XDG_CACHE_HOME/lmkit`` (default ``~/.cache/lmkit``)/cpu_peak_flops.json."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lmkit" / "cpu_peak_flops.json"
+
+
+def _cpu_peak_key(dtype: torch.dtype) -> str:
+    # What the measured number depends on: the CPU, the threads matmuls use, the dtype and torch's kernels.
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} | {torch.get_num_threads()} threads | {dtype} | torch {torch.__version__}"
+
+
+def cached_cpu_peak(dtype: torch.dtype) -> tuple[float, str]:
+    """The CPU's measured matmul peak for ``dtype``: measured (about a second) the first time for this CPU model,
+    thread count, dtype and torch version, then read from `cpu_peak_cache_file` at no cost. An unreadable or
+    unwritable cache only means measuring again."""
+    file, key = cpu_peak_cache_file(), _cpu_peak_key(dtype)
+    try:
+        cache = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    peak = cache.get(key)
+    if isinstance(peak, (int, float)) and peak > 0:
+        return float(peak), f"cpu measured earlier, cached in {file}"
+    peak = measure_matmul_peak(dtype, "cpu")
+    cache[key] = peak
+    try:  # write-then-rename: concurrent runs never read half a file
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".cpu_peak_flops.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, file)
+    except OSError as err:
+        logger.info("could not cache the measured CPU peak in %s (%s)", file, err)
+    return peak, "cpu measured"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ attention, unfused AdamW, full logits) from the same init and data, and compares
 """
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -193,10 +194,41 @@ def test_gpu_peak_table_lookup():
     assert gpu_peak_flops("Some Future Card", torch.bfloat16) is None
 
 
-def test_peak_override_and_cpu_measurement():
+def test_peak_override_and_cpu_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert resolve_peak_flops(torch.device("cpu"), torch.float32, override=5e11) == (5e11, "configured")
     peak, source = resolve_peak_flops(torch.device("cpu"), torch.float32)
     assert source == "cpu measured" and 1e8 < peak < 1e14
+
+
+def test_cpu_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    import lmkit.perf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = []
+
+    def fake_measure(dtype, device):
+        measured.append((dtype, str(device), torch.get_num_threads()))
+        return 1.5e11 * len(measured)
+
+    monkeypatch.setattr(lmkit.perf, "measure_matmul_peak", fake_measure)
+    cache = tmp_path / "lmkit" / "cpu_peak_flops.json"
+    cpu = torch.device("cpu")
+    assert resolve_peak_flops(cpu, torch.float32) == (1.5e11, "cpu measured")
+    assert resolve_peak_flops(cpu, torch.float32) == (1.5e11, f"cpu measured earlier, cached in {cache}")
+    assert len(measured) == 1
+    assert resolve_peak_flops(cpu, torch.bfloat16) == (3.0e11, "cpu measured")  # another dtype: its own entry
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert resolve_peak_flops(cpu, torch.float32) == (4.5e11, "cpu measured")  # another thread count too
+    finally:
+        torch.set_num_threads(threads)
+    assert resolve_peak_flops(cpu, torch.float32)[0] == 1.5e11
+    assert len(measured) == 3 and len(json.loads(cache.read_text())) == 3
+    cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    assert resolve_peak_flops(cpu, torch.float32) == (6.0e11, "cpu measured")
+    assert resolve_peak_flops(cpu, torch.float32)[0] == 6.0e11
 
 
 def test_data_wait_timer_fraction():
