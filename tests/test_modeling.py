@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import repeat_kv as llama_repeat_kv
 from transformers.utils.generic import find_labels
 
 import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
 from lmkit.modeling import LMConfig, LMForCausalLM
+from lmkit.modeling.modeling_lmkit import repeat_kv
 
 VOCAB = 97
 MODELING_DIR = Path(__file__).resolve().parent.parent / "lmkit" / "modeling"
@@ -144,11 +146,26 @@ def test_config_rejects_bad_values(kwargs, field):
 
 
 # ----------------------------------------------------------------------------- parity with Llama
+# Logits are compared exactly (atol=0): lmkit runs the same torch ops as Llama on the same tensor layouts, so any
+# CPU takes the same kernels for both. Losses and gradients get assert_close's fp32 defaults (rtol 1.3e-6, atol
+# 1e-5) because lmkit computes them differently on purpose: a sum over chunks divided by the target count, fused
+# with the LM head in training, against Llama's one mean over full logits.
+
+
+@pytest.mark.parametrize("n_rep", [1, 2, 4])
+def test_eager_kv_expansion_is_llamas(n_rep):
+    # Same values, strides and (for n_rep 1) storage as Llama's repeat_kv: a contiguous copy of the same values
+    # (repeat_interleave) sends the eager matmuls down another kernel on some CPUs, 1e-7 away from Llama.
+    kv = torch.randn(2, 9, 2, 16).transpose(1, 2)  # (B, n_kv_heads, S, head_dim), as the attention makes it
+    ours, theirs = repeat_kv(kv, n_rep), llama_repeat_kv(kv, n_rep)
+    assert torch.equal(ours, theirs)
+    assert ours.stride() == theirs.stride()
+    assert (ours.data_ptr() == kv.data_ptr()) == (theirs.data_ptr() == kv.data_ptr())
 
 
 @pytest.mark.parametrize(
     ("num_key_value_heads", "tie_word_embeddings", "attn_implementation"),
-    [(4, True, "sdpa"), (2, False, "sdpa"), (1, True, "eager"), (2, False, "eager")],
+    [(4, True, "sdpa"), (2, False, "sdpa"), (4, False, "eager"), (1, True, "eager"), (2, False, "eager")],
 )
 def test_matches_llama(num_key_value_heads, tie_word_embeddings, attn_implementation):
     model = tiny_model(
@@ -212,6 +229,7 @@ def test_weights_are_llama_checkpoint_keys():
 
 
 def test_chunked_loss_equals_full_loss_values_and_grads():
+    # fp32 defaults throughout: chunk sums and per-chunk LM-head matmuls add up in another order than one mean.
     chunked = tiny_model(loss_chunk_size=5).train()  # 2 x 9 = 18 tokens -> chunks of 5, 5, 5, 3
     full = copy.deepcopy(chunked)
     full.config.loss_chunk_size = 0
@@ -246,8 +264,11 @@ def test_loss_is_fp32_next_token_cross_entropy_in_bf16():
         out = model(input_ids, labels=input_ids)
     assert out.logits.dtype == torch.bfloat16
     expected = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
-    assert_close(out.loss, expected)
-    assert_close(loss, expected)
+    assert_close(out.loss, expected)  # the same bf16 logits, upcast: only the fp32 summation order differs
+    # Training fuses the LM head over 4-token chunks: a bf16 matmul over 4 rows may round a logit one bf16 step
+    # (2**-8 at |logit| < 1) away from the full-batch matmul, depending on the CPU's kernel; cross-entropy moves
+    # by at most twice a logit's change.
+    assert_close(loss, expected, rtol=0, atol=2 * 2**-8)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -263,7 +284,8 @@ def test_shift_labels_are_not_shifted_again(training):
         from_shift_labels = model(input_ids, shift_labels=shift_labels).loss
         shifted_twice = model(input_ids, labels=shift_labels).loss
         logits = model.eval()(input_ids).logits
-    assert torch.equal(from_shift_labels, from_labels)
+    assert torch.equal(from_shift_labels, from_labels)  # the same targets through the same code
+    # fp32 defaults: in training the loss comes from the fused, chunked LM head rather than these logits.
     expected = F.cross_entropy(logits.reshape(-1, VOCAB), shift_labels.reshape(-1), ignore_index=-100)
     assert_close(from_shift_labels, expected)
     assert not torch.allclose(shifted_twice, from_labels)
@@ -286,6 +308,7 @@ def test_num_items_in_batch_sums_then_divides(training):
         mean = model(input_ids, labels=labels).loss
         summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(1)).loss
         over_40 = model(input_ids, labels=labels, num_items_in_batch=40).loss
+    # fp32 defaults: a sum divided by n against a mean, and micro-batch against batch matmuls.
     assert_close(summed, mean * n_targets)
     assert_close(over_40, mean * n_targets / 40)
 
@@ -307,7 +330,7 @@ def test_logits_to_keep():
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(input_ids, labels=input_ids, logits_to_keep=1)
     assert last.shape == (2, 1, VOCAB)
-    assert_close(last, full[:, -1:])
+    assert_close(last, full[:, -1:])  # fp32 defaults: the LM head multiplies 2 rows instead of 18
 
 
 # ----------------------------------------------------------------------------- training features
@@ -324,7 +347,8 @@ def test_gradient_checkpointing_gives_the_same_grads():
     loss_ckpt = checkpointed(input_ids, attention_mask=attention_mask, labels=input_ids).loss
     assert torch.equal(loss, loss_ckpt)
     loss.backward(), loss_ckpt.backward()
-    assert_close(grads(model), grads(checkpointed))
+    # Exact: the backward recomputes each layer's forward with the same ops on the same tensors.
+    assert_close(grads(model), grads(checkpointed), rtol=0, atol=0)
 
 
 def test_scaled_residual_init():
@@ -399,6 +423,7 @@ def test_cache_step_equals_full_forward():
         step = model(input_ids[:, -1:], cache=prefix.cache)
         with pytest.warns(FutureWarning, match="past_key_values"):  # transformers 5's old name still works
             legacy_name = model(input_ids[:, -1:], past_key_values=model(input_ids[:, :-1]).cache)
+    # fp32 defaults: one query row against a cached K/V is a different matmul shape than the full forward.
     assert_close(step.logits[:, 0], full[:, -1])
     assert_close(legacy_name.logits[:, 0], full[:, -1])
 
@@ -461,5 +486,6 @@ def test_packed_documents_do_not_attend_to_each_other(attn_implementation):
     with torch.no_grad():
         out = model(packed, position_ids=position_ids)
         assert out.cache is None
+        # fp32 defaults: a masked 9-token attention against unmasked 5- and 4-token ones (another kernel for sdpa).
         assert_close(out.logits[:, :5], model(first).logits)
         assert_close(out.logits[:, 5:], model(second).logits)

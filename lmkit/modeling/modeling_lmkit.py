@@ -103,6 +103,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, S, head_dim) -> (B, n_kv_heads * n_rep, S, head_dim), each K/V head repeated for its group.
+
+    Expand + reshape exactly as transformers' Llama does (and the input itself when n_rep is 1): the eager matmuls
+    then see the same memory layout as Llama's and take the same CPU kernel, so the two agree bit for bit.
+    `repeat_interleave` gives the same values in a fresh contiguous copy, which some CPUs multiply through another
+    kernel (1e-7 apart on AMD EPYC).
+    """
+    if n_rep == 1:
+        return x
+    B, n_kv_heads, S, head_dim = x.shape
+    return x[:, :, None].expand(B, n_kv_heads, n_rep, S, head_dim).reshape(B, n_kv_heads * n_rep, S, head_dim)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -114,8 +128,8 @@ def eager_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scaling + mask) v in plain torch; the reference the fused backends must match."""
-    key = key.repeat_interleave(module.num_key_value_groups, dim=1)  # (B, n_heads, S, head_dim)
-    value = value.repeat_interleave(module.num_key_value_groups, dim=1)  # (B, n_heads, S, head_dim)
+    key = repeat_kv(key, module.num_key_value_groups)  # (B, n_heads, S, head_dim)
+    value = repeat_kv(value, module.num_key_value_groups)  # (B, n_heads, S, head_dim)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, n_heads, T, S)
     if attention_mask is not None:
         scores = scores + attention_mask  # additive: 0 where allowed, dtype-min where masked
