@@ -2,8 +2,8 @@
 
 An export holds everything someone without lmkit needs: safetensors weights, ``config.json``, the tokenizer,
 ``generation_config.json``, a ``README.md`` model card and ``loss_curve.png``. In the ``lmkit`` format the config
-carries an ``auto_map`` and the two model files sit beside the weights (``trust_remote_code=True``); in the
-``llama`` format the same weights load as transformers' native ``LlamaForCausalLM``. The upload token comes from
+carries an ``auto_map`` and the two model files sit beside the weights (``trust_remote_code=True``), written by
+``save_pretrained`` as for every lmkit save (see ``lmkit/__init__.py``); in the ``llama`` format the same weights load as transformers' native ``LlamaForCausalLM``. The upload token comes from
 ``HF_TOKEN`` or the saved login and is passed straight to `huggingface_hub`, never logged or written.
 """
 
@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,19 +184,6 @@ def to_llama(model: LMForCausalLM) -> LlamaForCausalLM:
     return llama.eval()
 
 
-@contextlib.contextmanager
-def _auto_class_registered() -> Iterator[None]:
-    """Register lmkit with the Auto classes for one save, so the config gets an ``auto_map`` and the model files are
-    copied beside the weights; then unregister, so other saves in this process stay plain."""
-    LMConfig.register_for_auto_class("AutoConfig")
-    LMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    try:
-        yield
-    finally:
-        LMConfig._auto_class = None
-        LMForCausalLM._auto_class = None
-
-
 def prepare_export_dir(export_dir: Path, model_dir: Path | None) -> None:
     """Create ``export_dir``, or empty it when it holds an earlier export (so no stale file gets uploaded)."""
     if model_dir is not None and export_dir.resolve() in (model_dir.resolve(), *model_dir.resolve().parents):
@@ -233,13 +219,7 @@ def export_model(
     prepare_export_dir(export_dir, model_dir)
 
     model.config.use_cache = True  # training saves use_cache=False; a published model should generate fast
-    if fmt == "llama":
-        to_llama(model).save_pretrained(export_dir)
-    elif isinstance(model, LMForCausalLM):
-        with _auto_class_registered():
-            model.save_pretrained(export_dir)
-    else:
-        model.save_pretrained(export_dir)
+    (to_llama(model) if fmt == "llama" else model).save_pretrained(export_dir)
     tokenizer.save_pretrained(export_dir)
 
     run = RunRecord.read(model_dir) if model_dir is not None else RunRecord()

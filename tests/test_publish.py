@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 
 import huggingface_hub
 import pytest
@@ -13,6 +12,7 @@ import torch
 from _recipes import load_recipe
 from _tiny_checkpoint import REPO, make_checkpoint
 from huggingface_hub import ModelCard
+from test_stock_tools import logits_without_lmkit
 from transformers import LlamaForCausalLM
 
 FAKE_TOKEN = "hf_lmkitFAKEtoken0123456789abcdefXYZ"
@@ -58,37 +58,13 @@ def test_lmkit_folder_contents(published):
     }
     assert config["model_type"] == "lmkit" and config["use_cache"] is True
     assert (folder / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from lmkit import LMForCausalLM  # registering for one export must not leak into later saves
-
-    assert LMForCausalLM._auto_class is None
 
 
 def test_folder_loads_without_lmkit_with_the_same_logits(published, tmp_path):
     _, logits, folder, _ = published
-    # -I -S: no user site, no .pth files, so lmkit's editable install is invisible; only site-packages is added.
-    script = f"""
-import sys
-sys.path.append({sysconfig.get_paths()["purelib"]!r})
-try:
-    import lmkit
-    sys.exit("lmkit is importable in the clean process")
-except ModuleNotFoundError:
-    pass
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-AutoTokenizer.from_pretrained({str(folder)!r})
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    torch.save(model(torch.tensor({IDS.tolist()})).logits, {str(tmp_path / "logits.pt")!r})
-"""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh remote-code module cache
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits, rtol=0, atol=0)
+    (theirs,) = logits_without_lmkit([folder], IDS, tmp_path)
+    # Exact: the exported model files are byte copies of lmkit's, run on the same CPU with the same weights.
+    torch.testing.assert_close(theirs, logits, rtol=0, atol=0)
 
 
 def test_llama_export_is_plain_llama_with_the_same_logits(published):
