@@ -1,25 +1,59 @@
-"""User-facing errors and the wrapper that turns them into a one-line message and a non-zero exit."""
+"""User-facing errors and the wrapper that turns them into a one-line message and a non-zero exit.
+
+Under ``accelerate launch`` a plain non-zero exit is not enough: the launcher answers any failed child with its own
+traceback (``CalledProcessError`` from the single-process launcher, ``ChildFailedError`` and a failure report from
+torchrun's elastic agent), printed after the child's message. Both launchers end quietly on SIGTERM instead (accelerate
+>= 1.16: the single-process launcher exits 143 after terminating its child, the elastic agent shuts its workers down and
+exits 143), so a recipe that hit a user error asks its launcher to stop, and prints its one line when the launcher
+terminates it in turn: that line is the last thing on the screen, with no traceback, and the exit status is non-zero.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import sys
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from lmkit.launcher import accelerate_launcher_pid
 
 logger = logging.getLogger(__name__)
 
 # Exit status for every input error a user can fix (argparse uses 2 for usage errors too).
 USER_ERROR_EXIT = 2
+# The first accelerate release whose launchers (single-process and torchrun) exit without a traceback on SIGTERM.
+QUIET_LAUNCHER_VERSION = (1, 16)
+# How long a process waits for its launcher to terminate it before it prints and exits by itself.
+LAUNCHER_GRACE_SECONDS = 20.0
 
 
 class LMKitError(Exception):
     """A problem with what the user gave us (a path, a file, a flag). The message names the field or file."""
 
 
+# What a recipe holds until it ends (the output dir's lock): released before the error line, whatever the outcome.
+_exit_callbacks: list[Callable[[], None]] = []
+
+
+def call_on_recipe_exit(callback: Callable[[], None]) -> None:
+    """Have `main_entry` call ``callback`` when the recipe returns or fails, before any error is reported."""
+    _exit_callbacks.append(callback)
+
+
+def _run_exit_callbacks() -> None:
+    while _exit_callbacks:
+        _exit_callbacks.pop()()
+
+
 def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a recipe's ``main``: an `LMKitError` becomes ``lmkit: error: <message>`` on stderr and exit 2.
+    """Decorate a recipe's ``main``: an `LMKitError` becomes ``lmkit: error: <message>`` on stderr, last, and a
+    non-zero exit (2 when run directly; the launcher's 143 under ``accelerate launch``).
 
     Anything else is a bug and keeps its traceback.
     """
@@ -29,8 +63,59 @@ def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LMKitError as err:
+            _run_exit_callbacks()
             message = " ".join(str(err).split())  # one line, whatever the message was built from
-            print(f"lmkit: error: {message}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT)
+            exit_with_error(f"lmkit: error: {message}")
+        finally:
+            _run_exit_callbacks()
 
     return wrapper
+
+
+def exit_with_error(line: str) -> None:
+    """Print ``line`` as the last line of the run's output and exit non-zero; never returns."""
+    sys.stdout.flush()
+    launcher = accelerate_launcher_pid() if _accelerate_is_quiet_on_sigterm() else None
+    if launcher is None:
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+
+    # One process per launch reports (several ranks usually hit the same bad input); the others wait to be stopped.
+    reporter = _claim_report(launcher)
+
+    def on_terminate(signum: int, frame: Any) -> None:
+        if reporter:
+            print(line, file=sys.stderr, flush=True)
+        os._exit(USER_ERROR_EXIT)
+
+    signal.signal(signal.SIGTERM, on_terminate)
+    if reporter:
+        os.kill(launcher, signal.SIGTERM)
+    time.sleep(LAUNCHER_GRACE_SECONDS)  # the launcher terminates this process well before
+    on_terminate(signal.SIGTERM, None)
+
+
+def _accelerate_is_quiet_on_sigterm() -> bool:
+    try:
+        from importlib.metadata import version
+
+        parts = version("accelerate").split(".")[:2]
+        return tuple(int(p) for p in parts) >= QUIET_LAUNCHER_VERSION
+    except Exception:  # not installed, or a version string we cannot read: keep the plain exit
+        return False
+
+
+def _claim_report(launcher: int) -> bool:
+    """True for the first process of this launch to claim the report (an exclusive marker file per launcher)."""
+    try:
+        started = Path(f"/proc/{launcher}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22: start time
+    except (OSError, IndexError):
+        started = "0"
+    marker = Path(tempfile.gettempdir()) / f"lmkit-error-{launcher}-{started}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no marker possible: report anyway (at worst one line per rank)
+    return True

@@ -14,13 +14,68 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from lmkit import reliability
-from lmkit.errors import LMKitError
+from lmkit import launcher, reliability
+from lmkit.distributed import validate_distributed
+from lmkit.errors import LMKitError, call_on_recipe_exit
+from lmkit.lock import OutputDirLock
 
 logger = logging.getLogger(__name__)
 
 # Files whose presence means an output dir holds a finished model.
 FINISHED_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
+
+
+def prepare_run(args: TrainingArguments, *groups: Any) -> str | None:
+    """The start of every training recipe, after it has checked its own inputs: check the launch and the output dir,
+    take the output dir's lock, set the CPU threads, start logging, log the start-up report. Returns the checkpoint
+    to resume from (None: a fresh start). Every input check comes before the report, so an error is the last line."""
+    if launcher.came_up_alone():
+        raise LMKitError(
+            "this process came up alone in a world of size 1, though its launcher set up a multi-process run "
+            f"(MASTER_ADDR {os.environ['MASTER_ADDR']}): accelerate launch --cpu starts each process by itself unless "
+            "run under mpirun; drop --cpu (CPU-only machines run torchrun with gloo) or launch through mpirun"
+        )
+    validate_distributed(args)  # DeepSpeed / multi-node settings, before anything is built
+    check_output_dir(args)
+    resume_from = resolve_resume_checkpoint(args)
+    threads = configure_threads(args)
+    lock_output_dir(args)
+    setup_logging(args)
+    log_startup(args, *groups, threads=threads)
+    return resume_from
+
+
+def configure_threads(args: TrainingArguments) -> str:
+    """Set this process's CPU threads and say where the number came from.
+
+    ``--num_threads`` wins; then a count the user gave outside lmkit (``OMP_NUM_THREADS``, or accelerate's
+    ``--num_cpu_threads_per_process``); else, on CPU runs, the usable cores shared among the processes on this
+    machine. ``accelerate launch`` without a config exports ``OMP_NUM_THREADS=1`` to its child: that default is not
+    the user's choice, and on a CPU it would leave all cores but one idle.
+    """
+    requested = getattr(args, "num_threads", None)
+    if requested:
+        source = "--num_threads"
+    elif (requested := launcher.user_set_threads()) is not None:
+        source = "OMP_NUM_THREADS"
+    elif args.use_cpu:
+        cores, local = launcher.usable_cores(), launcher.local_processes()
+        requested = max(1, cores // local)
+        source = f"{cores} cores / {local} process{'es' if local > 1 else ''}"
+    else:  # an accelerator does the math: leave the launcher's setting
+        return f"{torch.get_num_threads()} (launcher's)"
+    torch.set_num_threads(requested)
+    return f"{requested} ({source})"
+
+
+def lock_output_dir(args: TrainingArguments) -> None:
+    """Take ``--output_dir``'s run lock on the global main process, held until the recipe ends; the other ranks
+    wait for it, so none starts on a dir that another run holds."""
+    with args.main_process_first(local=False, desc="output dir lock"):
+        if args.process_index == 0:
+            lock = OutputDirLock(args.output_dir)
+            lock.acquire()
+            call_on_recipe_exit(lock.release)
 
 
 def setup_logging(args: TrainingArguments) -> None:
@@ -56,8 +111,8 @@ def setup_tool_logging(level: int | str = logging.INFO) -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
-    """Log the resolved configuration, package versions and device, on the main process only."""
+def log_startup(args: TrainingArguments, *dataclasses: Any, threads: str | None = None) -> None:
+    """Log the resolved configuration, package versions, device and CPU threads, on the main process only."""
     if not args.should_log:
         return
     import accelerate
@@ -75,11 +130,11 @@ def log_startup(args: TrainingArguments, *dataclasses: Any) -> None:
     }
     logger.info("versions: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
     logger.info(
-        "device: %s, world size %d, bf16 %s, threads %d",
+        "device: %s, world size %d, bf16 %s, threads %s",
         args.device,
         args.world_size,
         args.bf16,
-        torch.get_num_threads(),
+        threads or torch.get_num_threads(),
     )
     for group in dataclasses:
         shown = {k: "<redacted>" if k.endswith("_token") and v else v for k, v in vars(group).items()}
@@ -194,17 +249,24 @@ def _eval_of_final_step(trainer: Any) -> dict[str, float] | None:
 
 
 def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
-    """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate."""
+    """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate.
+
+    Returns the train metrics (``train_loss``, ...) and, unless ``--eval_strategy no`` (or there is no eval set),
+    the final evaluation's (``eval_loss``, ...).
+    """
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     base.config.use_cache = True  # the Trainer turned the cache off for training; the saved model generates
     trainer.save_model()
     if trainer.is_world_process_zero() and getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(trainer.args.output_dir)  # an adapter save omits it
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = _eval_of_final_step(trainer) or trainer.evaluate()
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    if trainer.args.eval_strategy != "no" and trainer.eval_dataset is not None:
+        eval_metrics = _eval_of_final_step(trainer) or trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
     trainer.save_state()
     return metrics

@@ -13,29 +13,29 @@ from __future__ import annotations
 import logging
 import math
 from itertools import islice
+from pathlib import Path
 
 import torch
 from transformers import set_seed
 
 from lmkit import LMConfig, LMForCausalLM
-from lmkit.args import DEFAULT_CONFIG, DataArguments, LMTrainingArguments, ModelArguments, parse_args
+from lmkit.args import (
+    DataArguments,
+    LMTrainingArguments,
+    ModelArguments,
+    fit_block_size,
+    parse_args,
+)
 from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
-from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, main_entry
 from lmkit.perf import resolve_attn_implementation
-from lmkit.runtime import (
-    check_output_dir,
-    log_startup,
-    num_parameters,
-    resolve_resume_checkpoint,
-    save_and_evaluate,
-    setup_logging,
-)
+from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
 from lmkit.tokenizer import build_tokenizer
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger("lmkit.pretrain")
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 STREAMING_TOKENIZER_DOCS = 100_000
 
 
@@ -46,16 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args: DataArguments
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
-    setup_logging(args)
-    validate_distributed(args)  # DeepSpeed / multi-node settings, before anything is built
-    log_startup(args, model_args, data_args)
-    if data_args.block_size > model_args.max_position_embeddings:
-        raise LMKitError(
-            f"--block_size {data_args.block_size} exceeds the model's "
-            f"--max_position_embeddings {model_args.max_position_embeddings}"
-        )
-    check_output_dir(args)
-    resume_from = resolve_resume_checkpoint(args)
+    fit_block_size(data_args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
+    resume_from = prepare_run(args, model_args, data_args)
 
     # -- data and tokenizer -----------------------------------------------------------------------------------
     with args.main_process_first(desc="load corpus"):
@@ -71,11 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"--tokenizer {data_args.tokenizer} has {len(tokenizer)} tokens, more than the model's "
             f"--vocab_size {vocab_size}"
         )
-    # Streams are not split per rank here: accelerate dispatches an iterable dataset's batches from rank 0
-    # (dispatch_batches), so each rank still trains on disjoint data; a per-rank split would drop data.
-    datasets = build_lm_datasets(
-        raw, tokenizer, data_args, main_process_first=args.main_process_first, rank=0, world_size=1
-    )
+    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
 
     # -- model ------------------------------------------------------------------------------------------------
     config = LMConfig(
