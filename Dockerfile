@@ -37,10 +37,12 @@ COPY pyproject.toml README.md ./
 RUN mkdir lmkit && touch lmkit/__init__.py \
     && pip install -e . \
     && rm -rf lmkit
-# Editable: recipes find their presets and the bundled corpus relative to the source tree.
+# A regular (non-editable) install: the bundled corpus and chat templates ship inside the package, and each recipe
+# finds its presets beside it in recipes/configs. -I keeps the source tree in the working directory out of the check.
 COPY . .
-RUN pip install --no-deps -e . \
-    && python -c "import lmkit, lmkit.distributed"
+RUN pip install --no-deps . \
+    && python -I -c "import lmkit.distributed, lmkit.args as a, lmkit.sft as s; \
+assert a.BUNDLED_CORPUS.is_file() and s.DEFAULT_CHAT_TEMPLATE.is_file(), 'package data missing'"
 
 ENTRYPOINT ["accelerate", "launch"]
 CMD ["--config_file", "accelerate_configs/single_gpu.yaml", "recipes/pretrain.py"]

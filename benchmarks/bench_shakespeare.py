@@ -36,7 +36,7 @@ def nanogpt_reference(steps: int) -> dict:
     from torch import nn
 
     torch.manual_seed(1337)
-    text = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)

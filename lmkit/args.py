@@ -21,9 +21,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lmkit.errors import LMKitError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"
-DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "tiny.yaml"
+# Package data, found the same way in an editable and a regular install. The presets live beside the recipes.
+BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus" / "tinyshakespeare.txt"
 
 
 @dataclass

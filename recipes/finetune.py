@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lmkit.args import REPO_ROOT, DataArguments, LMTrainingArguments, ModelArguments, parse_args
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, parse_args
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, main_entry
@@ -47,7 +47,7 @@ from lmkit.sft import CHAT, TEXT, build_sft_dataset, end_of_turn_token, load_sft
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger("lmkit.finetune")
-DEFAULT_SFT_CONFIG = REPO_ROOT / "recipes" / "configs" / "sft-full.yaml"
+DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft-full.yaml"
 
 
 @main_entry

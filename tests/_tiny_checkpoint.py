@@ -11,7 +11,7 @@ from lmkit.args import LMTrainingArguments
 from lmkit.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-TEXT = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:4000]
+TEXT = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:4000]
 
 
 def make_checkpoint(path: Path, tokenizer: str = "char", max_positions: int = 64, run_files: bool = True):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000]
+CORPUS = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000]
 
 # A tiny pretraining run: char tokenizer, 1 layer, 16-token blocks.
 FAST = [

@@ -135,7 +135,7 @@ def test_validation_shorter_than_a_block_is_an_error(tmp_path, char_tok):
 
 
 def test_default_is_the_bundled_corpus(tmp_path):
-    assert BUNDLED_CORPUS == REPO / "data" / "tinyshakespeare.txt"
+    assert BUNDLED_CORPUS == REPO / "lmkit" / "corpus" / "tinyshakespeare.txt"
     raw = load_raw_datasets(args(tmp_path), seed=0)
     assert raw["train"][0]["text"].startswith("First Citizen:\nBefore we proceed")
     n_docs = len(raw["train"]) + len(raw["validation"])

@@ -408,7 +408,7 @@ def test_secrets_never_written(tmp_path):
     fake = "hf_FAKEsecretTOKEN1234567890abcdef"
     env = {**os.environ, "HF_TOKEN": fake, "HUGGING_FACE_HUB_TOKEN": fake, "OMP_NUM_THREADS": "1"}
     data = tmp_path / "corpus.txt"
-    data.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    data.write_text((REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text()[:20000])
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(REPO / "recipes" / "pretrain.py"), "--train_files", str(data), "--tokenizer", "char",
@@ -431,7 +431,7 @@ def test_secrets_never_written(tmp_path):
 
 def test_recipe_sigterm_then_resume(tmp_path):
     data = tmp_path / "corpus.txt"
-    data.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    data.write_text((REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text()[:20000])
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(REPO / "recipes" / "pretrain.py"), "--train_files", str(data), "--tokenizer", "char",

@@ -42,7 +42,7 @@ def step_losses(out: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_three_kill9_resume_cycles_match_uninterrupted(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000])
+    corpus.write_text((REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000])
     ref = tmp_path / "ref"
     done = subprocess.run(command(corpus, ref), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

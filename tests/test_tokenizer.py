@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from lmkit.errors import LMKitError
 from lmkit.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_tokenizer
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "lmkit" / "corpus" / "tinyshakespeare.txt"
 
 ROUND_TRIP = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
