@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,8 +19,11 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.trainer_utils import IntervalStrategy
 
 from lmkit.errors import LMKitError
+
+logger = logging.getLogger(__name__)
 
 # Package data, found the same way in an editable and a regular install. The presets live beside the recipes.
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus" / "tinyshakespeare.txt"
@@ -340,11 +344,13 @@ def parse_args(
 ) -> tuple[Any, ...]:
     """Parse ``--config FILE.yaml`` (or ``default_config``) and CLI overrides into the dataclasses.
 
-    Unknown keys and wrong value types raise `LMKitError` naming the key.
+    Unknown keys and wrong value types raise `LMKitError` naming the key. Each returned group remembers which of
+    its fields the user set (see `explicit_fields`): on the command line or in the ``--config`` file they passed,
+    not in ``default_config``, the recipe's own preset.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = default_config
-    if "--config" in argv:
+    config_path, user_config = default_config, "--config" in argv
+    if user_config:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise LMKitError("--config needs a YAML file path")
@@ -369,4 +375,69 @@ def parse_args(
         flags = [a for a in rest if a.startswith("--")] or rest
         hint = difflib.get_close_matches(flags[0], [f"--{k}" for k in known], n=1)
         raise LMKitError(f"unknown flag {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+    options = parser._option_string_actions  # every spelling: --a_b, --a-b, --no_a
+    explicit = {options[flag].dest for flag in (a.split("=", 1)[0] for a in argv) if flag in options}
+    if user_config:
+        explicit |= set(config)
+    for group in groups:
+        names = {f.name for f in fields(group)}
+        object.__setattr__(group, _EXPLICIT, frozenset(explicit & names))
     return tuple(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults that follow the model and the data
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXPLICIT = "_lmkit_explicit_fields"
+
+
+def explicit_fields(group: Any) -> frozenset[str]:
+    """The fields of a group from `parse_args` that the user set: on the command line or in their ``--config``.
+
+    A value from the recipe's default preset or a dataclass default is not explicit, so it may follow the model
+    or the data when it does not fit them; an explicit value that does not fit is an error. A group built
+    directly (not by `parse_args`) counts every field as explicit.
+    """
+    return getattr(group, _EXPLICIT, frozenset(f.name for f in fields(group)))
+
+
+def fit_block_size(data_args: DataArguments, max_positions: int | None, limit: str) -> None:
+    """Make ``--block_size`` fit a model of ``max_positions`` positions (``limit`` names that number in messages).
+
+    A default block size that is too long becomes ``max_positions``, with one log line; an explicit one raises
+    `LMKitError` naming the flag.
+    """
+    if max_positions is None or data_args.block_size <= max_positions:
+        return
+    if "block_size" in explicit_fields(data_args):
+        raise LMKitError(f"--block_size {data_args.block_size} exceeds {limit} {max_positions}")
+    logger.info(
+        "--block_size %d (a default) exceeds %s %d: using --block_size %d",
+        data_args.block_size, limit, max_positions, max_positions,
+    )  # fmt: skip
+    data_args.block_size = max_positions
+
+
+_EVAL_FLAGS = ("eval_strategy", "eval_on_start", "load_best_model_at_end")
+
+
+def fit_evaluation(args: LMTrainingArguments, why_no_data: str) -> None:
+    """There is no validation data (``why_no_data`` says why, naming the flag): evaluate nothing.
+
+    Evaluation the user asked for (``--eval_strategy``, ``--eval_on_start``, ``--load_best_model_at_end``) raises
+    `LMKitError`; evaluation that only a preset or a default turned on is turned off, with one log line.
+    """
+    asked = [
+        name
+        for name in _EVAL_FLAGS
+        if name in explicit_fields(args) and getattr(args, name) not in (False, "no", IntervalStrategy.NO)
+    ]
+    if asked:
+        value = getattr(args, asked[0])
+        value = getattr(value, "value", value)
+        raise LMKitError(f"--{asked[0]} {value}: {why_no_data}, so there is nothing to evaluate")
+    if args.eval_strategy != "no" or args.eval_on_start or args.load_best_model_at_end:
+        logger.info("%s: no evaluation (--eval_strategy no)", why_no_data)
+    args.eval_strategy = IntervalStrategy.NO
+    args.do_eval = args.eval_on_start = args.load_best_model_at_end = False

@@ -14,7 +14,6 @@ import glob
 import hashlib
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import datasets.distributed
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -303,13 +301,16 @@ def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: 
 
 def _held_out(texts: list[str], seed: int, frac: float, invert: bool = False) -> list[bool]:
     """For a stream: keep (train) or pick (validation, ``invert``) documents by a seeded hash of their text."""
-    salt = seed.to_bytes(8, "little", signed=True)
-    threshold = int(frac * 2**64)
-    picked = [
-        int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8, salt=salt).digest(), "little") < threshold
-        for t in texts
-    ]
+    picked = [is_held_out(t, seed, frac) for t in texts]
     return picked if invert else [not p for p in picked]
+
+
+def is_held_out(text: str, seed: int, fraction: float) -> bool:
+    """Whether a streamed document (or SFT row) belongs to the validation split: a seeded hash of its text falls
+    below ``fraction``. Every rank and every pass over the stream agrees, with nothing counted or stored."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=salt).digest()
+    return int.from_bytes(digest, "little") < int(fraction * 2**64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,9 +323,6 @@ def build_lm_datasets(
     tokenizer: PreTrainedTokenizerBase,
     data_args: DataArguments,
     main_process_first: ContextFactory = contextlib.nullcontext,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
 ) -> dict[str, Dataset | IterableDataset]:
     """Tokenize and pack ``raw`` into rows ``{"input_ids": list[int]}`` of exactly ``block_size + 1`` tokens.
 
@@ -334,16 +332,15 @@ def build_lm_datasets(
     tokenizing. ``main_process_first`` (e.g. ``training_args.main_process_first``) is entered around that work so
     rank 0 builds the cache and other ranks load it.
 
-    With ``--streaming`` the train split is an `IterableDataset` packed on the fly, sharded across ranks with
-    `datasets.distributed.split_dataset_by_node` (``rank``/``world_size`` default to env ``RANK``/``WORLD_SIZE``);
-    validation becomes a finite `Dataset` of its first ``--max_eval_blocks`` (default 1024) blocks, the same on
-    every rank.
+    With ``--streaming`` the train split is a `PackedStream` packed on the fly, the whole stream on every rank
+    (see `share_stream_across_ranks`); validation becomes a finite `Dataset` of its first ``--max_eval_blocks``
+    (default 1024) blocks, the same on every rank.
     """
     if tokenizer.eos_token_id is None:
         raise LMKitError("--tokenizer: the tokenizer has no EOS token to separate documents")
     block_len = data_args.block_size + 1
     if isinstance(raw["train"], IterableDataset):
-        return _build_streaming(raw, tokenizer, data_args, block_len, rank, world_size)
+        return _build_streaming(raw, tokenizer, data_args, block_len)
     token_hash = _tokenizer_hash(tokenizer)
     out = {}
     for split in ("train", "validation"):
@@ -473,19 +470,25 @@ def _fingerprint(*parts: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def share_stream_across_ranks(stream: torch.utils.data.IterableDataset) -> torch.utils.data.IterableDataset:
+    """The one place lmkit decides how a training stream is shared among ranks: it does not split it.
+
+    The Trainer's data loader (accelerate's ``prepare_data_loader``) already does: by default rank 0 alone reads
+    an iterable dataset and sends every rank its slice of each global batch (``DataLoaderDispatcher``, as
+    ``dispatch_batches`` defaults to True for iterable datasets), so 2 ranks x B rows per step are the rows one
+    process takes 2B at a time; with ``--accelerator_config '{"dispatch_batches": false}'`` every rank reads the
+    whole stream and keeps its own batches (``IterableDatasetShard``). A split here as well would hand each rank
+    a slice of a slice and lose the rest. Every recipe passes its training stream through this function.
+    """
+    if not isinstance(stream, torch.utils.data.IterableDataset):
+        raise TypeError(f"a training stream must be a torch IterableDataset, got {type(stream).__name__}")
+    return stream
+
+
 def _build_streaming(
-    raw: IterableDatasetDict,
-    tokenizer: Any,
-    data_args: DataArguments,
-    block_len: int,
-    rank: int | None,
-    world_size: int | None,
+    raw: IterableDatasetDict, tokenizer: Any, data_args: DataArguments, block_len: int
 ) -> dict[str, Dataset | IterableDataset]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    # Shard documents, not blocks, so each rank tokenizes only its own share.
-    train_docs = datasets.distributed.split_dataset_by_node(raw["train"], rank=rank, world_size=world_size)
-    train = PackedStream(train_docs, tokenizer, block_len)
+    train = share_stream_across_ranks(PackedStream(raw["train"], tokenizer, block_len))
     n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
     val_blocks = [b["input_ids"] for b in islice(PackedStream(raw["validation"], tokenizer, block_len), n_eval)]
     no_validation_asked = data_args.validation_files is None and data_args.validation_split == 0
@@ -495,13 +498,7 @@ def _build_streaming(
             "lower --block_size, or raise --validation_split / pass longer --validation_files"
         )
     validation = Dataset.from_dict({"input_ids": val_blocks}, features=_TOKENS)
-    logger.info(
-        "Streaming blocks of %d tokens (rank %d of %d); %d validation blocks",
-        block_len,
-        rank,
-        world_size,
-        len(validation),
-    )
+    logger.info("Streaming blocks of %d tokens; %d validation blocks", block_len, len(validation))
     return {"train": train, "validation": validation}
 
 

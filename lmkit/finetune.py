@@ -11,16 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import lmkit  # noqa: F401  (registers the lmkit model with the Auto classes)
+from lmkit.args import ModelArguments
 from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.finetune_args import FinetuneArguments
@@ -58,6 +66,48 @@ def resolve_starting_point(spec: str | None) -> str:
     checkpoints = sorted(p.name for p in path.glob("checkpoint-*") if (p / "config.json").is_file())
     hint = f" (it has {', '.join(checkpoints)}: pass one of those)" if checkpoints else ""
     raise LMKitError(f"--model_name_or_path {spec}: no config.json, so not a model checkpoint folder{hint}")
+
+
+def load_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of the checkpoint at ``spec``: its shape and context length, before any weights are read."""
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LMKitError(
+            f"--model_name_or_path {spec}: could not load its config ({type(err).__name__}: {err})"
+        ) from err
+
+
+@dataclass
+class LoadedModel:
+    """What the start-up report shows of the model a run fine-tunes: the checkpoint and its config's shape.
+
+    (`ModelArguments`' shape fields describe a model built from scratch; they do not apply to a loaded one.)
+    """
+
+    model_name_or_path: str
+    model_type: str
+    vocab_size: int | None
+    hidden_size: int | None
+    intermediate_size: int | None
+    num_hidden_layers: int | None
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    max_position_embeddings: int | None
+    attn_implementation: str
+    trust_remote_code: bool
+
+    @classmethod
+    def describe(cls, model_args: ModelArguments, spec: str, config: PretrainedConfig) -> LoadedModel:
+        given = {"model_name_or_path", "model_type", "attn_implementation", "trust_remote_code"}
+        shape = {f.name: getattr(config, f.name, None) for f in fields(cls) if f.name not in given}
+        return cls(
+            model_name_or_path=spec,
+            model_type=config.model_type,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+            **shape,
+        )
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[PreTrainedTokenizerBase, int]:
@@ -187,10 +237,23 @@ class LabelsCollator(CausalLMCollator):
     transformers' own models (Llama, GPT-2, ...) compute a loss only when ``labels`` is given, and then take the
     ``shift_labels`` that arrive in their kwargs as the targets, unshifted; lmkit's model prefers ``shift_labels``.
     So any causal LM trains on exactly the collator's targets, and the shift still happens only in the collator.
+
+    Args:
+        width: pad every batch to exactly this many positions, always with an ``attention_mask``. Streamed SFT
+            batches need it: accelerate's dispatcher concatenates the batches of all ranks, which must have one
+            shape and the same keys (see `lmkit.data.share_stream_across_ranks`).
     """
+
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.width is not None:
+            self.pad_to_multiple_of = self.width  # rows hold at most width + 1 tokens: one multiple, exactly
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(features)
+        if self.width is not None and "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         batch["labels"] = batch["shift_labels"]
         return batch
 

@@ -21,17 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments
 from lmkit.collator import IGNORE_INDEX
-from lmkit.data import FORMATS, resolve_data_files
+from lmkit.data import FORMATS, STREAMING_EVAL_BLOCKS, is_held_out, resolve_data_files
 from lmkit.errors import LMKitError
 
 logger = logging.getLogger(__name__)
@@ -62,31 +64,41 @@ def detect_format(files: list[Path]) -> str:
 
 def read_sft_rows(files: list[Path], fmt: str, field: str) -> list[dict[str, Any]]:
     """Every row of ``files``, checked against ``fmt``; the first bad row raises `LMKitError` naming file and line."""
-    rows = []
+    rows = list(iter_sft_rows(files, fmt, field))
+    if not rows:
+        raise LMKitError(f"{field}: no examples in {', '.join(map(str, files))}")
+    return rows
+
+
+def iter_sft_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str, Any]]:
+    """`read_sft_rows` one row at a time: only the fields of ``fmt`` are kept."""
     for file in files:
         for where, row in _json_rows(file, field):
             problem = _row_problem(row, fmt)
             if problem:
                 raise LMKitError(f"{field} {file}:{where}: {problem}")
             if fmt == CHAT:
-                rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+                yield {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
             else:
-                rows.append({"prompt": row["prompt"], "completion": row["completion"]})
-    if not rows:
-        raise LMKitError(f"{field}: no examples in {', '.join(map(str, files))}")
-    return rows
+                yield {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+def _is_json_array(file: Path) -> bool:
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            return f.read(1024).lstrip().startswith("[")
+    except OSError:
+        return False
 
 
 def _json_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
     """(``"LINE"`` or ``"item N"``, parsed row) for a JSON-lines file or a file holding one JSON array."""
     try:
         with open(file, encoding="utf-8") as f:
-            if f.read(1024).lstrip().startswith("["):
-                f.seek(0)
+            if _is_json_array(file):
                 for i, row in enumerate(json.load(f)):
                     yield f"item {i}", row
                 return
-            f.seek(0)
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     try:
@@ -127,18 +139,24 @@ def _row_problem(row: Any, fmt: str) -> str | None:
     return None
 
 
+def sft_format(data_args: DataArguments) -> str:
+    """The task the data asks for: ``"text"`` (load it with `lmkit.data`), ``"prompt_completion"`` or ``"chat"``."""
+    if data_args.dataset_name is not None or not data_args.train_files:
+        return TEXT
+    return detect_format(resolve_data_files(data_args.train_files, "--train_files"))
+
+
 def load_sft_rows(data_args: DataArguments, seed: int) -> tuple[str, dict[str, list[dict[str, Any]]]]:
     """(format, {"train": rows, "validation": rows}) from ``--train_files`` / ``--validation_files``.
 
     The format is ``"text"`` (and no rows) when the files hold raw text: load those with `lmkit.data` instead.
-    Without ``--validation_files``, ``--validation_split`` of the examples is held out at random with ``seed``.
+    Without ``--validation_files``, ``--validation_split`` of the examples is held out at random with ``seed``
+    (``--validation_split 0``: no validation rows).
     """
-    if data_args.dataset_name is not None or not data_args.train_files:
-        return TEXT, {}
-    train_files = resolve_data_files(data_args.train_files, "--train_files")
-    fmt = detect_format(train_files)
+    fmt = sft_format(data_args)
     if fmt == TEXT:
         return TEXT, {}
+    train_files = resolve_data_files(data_args.train_files, "--train_files")
     splits = {"train": read_sft_rows(train_files, fmt, "--train_files")}
     if data_args.validation_files:
         val_files = resolve_data_files(data_args.validation_files, "--validation_files")
@@ -263,20 +281,38 @@ def build_sft_dataset(
 ) -> Dataset:
     """Tokenize and mask ``rows``, drop examples over ``block_size + 1`` tokens (logged), pack when asked."""
     max_tokens = block_size + 1
-    examples = [tokenize_example(row, tokenizer, train_on_prompt) for row in rows]
-    kept = [e for e in examples if len(e["input_ids"]) <= max_tokens]
-    dropped = len(examples) - len(kept)
-    if dropped:
-        logger.warning(
-            "%s: dropped %d of %d examples longer than --block_size + 1 = %d tokens",
-            split, dropped, len(examples), max_tokens,
-        )  # fmt: skip
-    if not kept:
-        raise LMKitError(f"{split}: every example is longer than --block_size + 1 = {max_tokens} tokens")
+    counts = _Counts()
+    kept = list(_fitting((tokenize_example(row, tokenizer, train_on_prompt) for row in rows), max_tokens, counts))
+    counts.report(split, max_tokens)
     if packing:
         kept = pack_examples(kept, max_tokens, tokenizer.pad_token_id)
-    logger.info("%s: %d examples -> %d rows%s", split, len(examples) - dropped, len(kept), " (packed)" * packing)
+    logger.info("%s: %d examples -> %d rows%s", split, counts.kept, len(kept), " (packed)" * packing)
     return Dataset.from_list(kept)
+
+
+class _Counts:
+    """Examples seen and dropped for being too long; `report` logs the drops and refuses a split with none left."""
+
+    def __init__(self) -> None:
+        self.seen = self.kept = 0
+
+    def report(self, split: str, max_tokens: int) -> None:
+        dropped = self.seen - self.kept
+        if dropped:
+            logger.warning(
+                "%s: dropped %d of %d examples longer than --block_size + 1 = %d tokens",
+                split, dropped, self.seen, max_tokens,
+            )  # fmt: skip
+        if self.seen and not self.kept:
+            raise LMKitError(f"{split}: every example is longer than --block_size + 1 = {max_tokens} tokens")
+
+
+def _fitting(examples: Iterable[dict[str, list[int]]], max_tokens: int, counts: _Counts) -> Iterator[dict[str, Any]]:
+    for example in examples:
+        counts.seen += 1
+        if len(example["input_ids"]) <= max_tokens:
+            counts.kept += 1
+            yield example
 
 
 def pack_examples(examples: list[dict[str, list[int]]], row_len: int, pad_token_id: int) -> list[dict[str, list[int]]]:
@@ -287,24 +323,144 @@ def pack_examples(examples: list[dict[str, list[int]]], row_len: int, pad_token_
     each example is not a target (it would be predicted from the previous example), and padding forms its own run
     of positions with no targets. All rows have the same length, so the collator adds no attention_mask.
     """
-    rows: list[dict[str, list[int]]] = []
+    return list(iter_packed(examples, row_len, pad_token_id))
+
+
+def iter_packed(
+    examples: Iterable[dict[str, list[int]]], row_len: int, pad_token_id: int
+) -> Iterator[dict[str, list[int]]]:
+    """`pack_examples` one row at a time, for a stream of examples."""
     current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
 
-    def close() -> None:
+    def closed() -> dict[str, list[int]]:
         free = row_len - len(current["input_ids"])
         current["input_ids"] += [pad_token_id] * free
         current["labels"] += [IGNORE_INDEX] * free
         current["position_ids"] += list(range(free))
-        rows.append(current)
+        return current
 
     for example in examples:
         n = len(example["input_ids"])
         if len(current["input_ids"]) + n > row_len:
-            close()
+            yield closed()
             current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += example["input_ids"]
         current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
         current["position_ids"] += list(range(n))
     if current["input_ids"]:
-        close()
-    return rows
+        yield closed()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train and validation sets, in memory or streamed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_sft_datasets(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_on_prompt: bool = False,
+    packing: bool = False,
+    seed: int = 42,
+) -> dict[str, Dataset | SFTStream | None]:
+    """{"train", "validation"} for prompt/completion or chat files; validation is None when none is held out.
+
+    In memory: every row is read and checked first (`load_sft_rows`). With ``--streaming``, train is an
+    `SFTStream` and validation a `Dataset` of at most ``--max_eval_blocks`` (default 1024) examples: the first
+    ones of ``--validation_files``, else the rows of the training files that a seeded hash holds out
+    (``--validation_split`` of them; the stream skips those).
+    """
+    kwargs = {"train_on_prompt": train_on_prompt, "packing": packing}
+    if not data_args.streaming:
+        _, rows = load_sft_rows(data_args, seed)
+        return {
+            split: build_sft_dataset(split_rows, tokenizer, data_args.block_size, split=split, **kwargs)
+            if split_rows
+            else None
+            for split, split_rows in rows.items()
+        }
+    train_files = resolve_data_files(data_args.train_files, "--train_files")
+    fmt = detect_format(train_files)
+    hold_out = None if data_args.validation_files else (seed, data_args.validation_split)
+    train = SFTStream(train_files, fmt, tokenizer, data_args.block_size, hold_out=hold_out, **kwargs)
+    n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
+    if data_args.validation_files:
+        val_files = resolve_data_files(data_args.validation_files, "--validation_files")
+        val_rows = list(islice(_streamed_rows(val_files, fmt, "--validation_files"), n_eval))
+        if not val_rows:
+            raise LMKitError(f"--validation_files: no examples in {', '.join(map(str, val_files))}")
+    elif data_args.validation_split > 0:
+        rows = _streamed_rows(train_files, fmt, "--train_files")
+        val_rows = list(islice((r for r in rows if is_held_out(_row_text(r), *hold_out)), n_eval))
+        if not val_rows:
+            raise LMKitError(
+                f"--validation_split {data_args.validation_split}: no example of --train_files was held out "
+                "(too few rows); raise it or pass --validation_files"
+            )
+    else:
+        logger.info("SFT data (%s): streamed train, no validation examples", fmt)
+        return {"train": train, "validation": None}
+    validation = build_sft_dataset(val_rows, tokenizer, data_args.block_size, split="validation", **kwargs)
+    logger.info("SFT data (%s): streamed train, %d validation examples", fmt, len(val_rows))
+    return {"train": train, "validation": validation}
+
+
+def _streamed_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str, Any]]:
+    _check_streamable(files, field)
+    return iter_sft_rows(files, fmt, field)
+
+
+def _check_streamable(files: list[Path], field: str) -> None:
+    for file in files:
+        if _is_json_array(file):
+            raise LMKitError(
+                f"--streaming: {field} {file} holds one JSON array, which can only be read whole; "
+                "write it as JSON lines (one object per line) to stream it"
+            )
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+class SFTStream(torch.utils.data.IterableDataset):
+    """Prompt/completion or chat examples streamed from JSON-lines files: each row is read, checked, tokenized,
+    masked and (with ``packing``) packed only when training asks for it, so nothing is held in memory.
+
+    For the same rows it yields exactly the rows `build_sft_dataset` holds, in file order (a stream is not
+    shuffled). ``hold_out=(seed, fraction)`` skips the rows `lmkit.data.is_held_out` puts in the validation split.
+    Examples over ``block_size + 1`` tokens are dropped, and the count is logged at the end of every pass.
+    A resumed run replays the stream up to its step (`lmkit.reliability.StreamResume`).
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        fmt: str,
+        tokenizer: PreTrainedTokenizerBase,
+        block_size: int,
+        *,
+        train_on_prompt: bool = False,
+        packing: bool = False,
+        hold_out: tuple[int, float] | None = None,
+    ) -> None:
+        self.files, self.fmt, self.tokenizer, self.block_size = files, fmt, tokenizer, block_size
+        self.train_on_prompt, self.packing = train_on_prompt, packing
+        self.hold_out = hold_out if hold_out and hold_out[1] > 0 else None
+        _check_streamable(files, "--train_files")  # now, not at the first training step
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id > 0:
+            return  # one stream, one reader (as `lmkit.data.PackedStream`)
+        rows: Iterable[dict[str, Any]] = _streamed_rows(self.files, self.fmt, "--train_files")
+        if self.hold_out is not None:
+            rows = (row for row in rows if not is_held_out(_row_text(row), *self.hold_out))
+        max_tokens, counts = self.block_size + 1, _Counts()
+        examples = (tokenize_example(row, self.tokenizer, self.train_on_prompt) for row in rows)
+        fitting = _fitting(examples, max_tokens, counts)
+        yield from iter_packed(fitting, max_tokens, self.tokenizer.pad_token_id) if self.packing else fitting
+        if not counts.seen:
+            raise LMKitError(f"--train_files: no training examples in {', '.join(map(str, self.files))}")
+        counts.report("train", max_tokens)

@@ -18,16 +18,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, parse_args
+from transformers import set_seed
+
+from lmkit.args import (
+    DataArguments,
+    LMTrainingArguments,
+    ModelArguments,
+    fit_block_size,
+    fit_evaluation,
+    parse_args,
+)
 from lmkit.data import build_lm_datasets, load_raw_datasets
-from lmkit.distributed import validate_distributed
-from lmkit.errors import LMKitError, main_entry
+from lmkit.errors import main_entry
 from lmkit.finetune import (
     LabelsCollator,
+    LoadedModel,
     add_stop_token,
     add_tokens,
     apply_lora,
     check_vocab,
+    load_config,
     load_model,
     load_tokenizer,
     merge_lora,
@@ -35,15 +45,8 @@ from lmkit.finetune import (
 )
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.perf import resolve_attn_implementation
-from lmkit.runtime import (
-    check_output_dir,
-    log_startup,
-    num_parameters,
-    resolve_resume_checkpoint,
-    save_and_evaluate,
-    setup_logging,
-)
-from lmkit.sft import CHAT, TEXT, build_sft_dataset, end_of_turn_token, load_sft_rows, resolve_chat_template
+from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
+from lmkit.sft import CHAT, TEXT, build_sft_datasets, end_of_turn_token, resolve_chat_template, sft_format
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger("lmkit.finetune")
@@ -60,22 +63,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, ft_args, args = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments), argv, DEFAULT_SFT_CONFIG
     )
-    setup_logging(args)
-    validate_distributed(args)
-    log_startup(args, model_args, data_args, ft_args)
     spec = resolve_starting_point(model_args.model_name_or_path)
-    check_output_dir(args)
-    resume_from = resolve_resume_checkpoint(args)
+    model_config = load_config(spec, model_args.trust_remote_code)
+    resume_from = prepare_run(args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args)
 
     # -- tokenizer and data -----------------------------------------------------------------------------------
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    fit_block_size(data_args, max_positions, "the model's max_position_embeddings")
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
     tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
-    fmt, rows = load_sft_rows(data_args, seed=args.seed)
+    fmt = sft_format(data_args)
     new_special: list[str] = []
     if fmt == CHAT:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
+    set_seed(args.seed)  # weights drawn here (LoRA adapters, any the checkpoint lacks): the same flags, the same run
     model = load_model(
         spec,
         attn_implementation=resolve_attn_implementation(model_args.attn_implementation, args, data_args.block_size),
@@ -83,11 +86,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         load_in_4bit=ft_args.load_in_4bit,
     )
     check_vocab(model, n_saved, tokenizer_spec)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and data_args.block_size > max_positions:
-        raise LMKitError(
-            f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {max_positions}"
-        )
     new_ids = add_tokens(model, tokenizer, n_saved, new_special)
     if fmt == CHAT:
         add_stop_token(model, end_of_turn_token(tokenizer))
@@ -96,33 +94,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=args.main_process_first)
         datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
     else:
-        datasets = {
-            split: build_sft_dataset(
-                split_rows,
-                tokenizer,
-                data_args.block_size,
-                train_on_prompt=ft_args.train_on_prompt,
-                packing=ft_args.packing,
-                split=split,
-            )  # fmt: skip
-            for split, split_rows in rows.items()
-        }
+        datasets = build_sft_datasets(
+            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed
+        )
+    if datasets["validation"] is None or len(datasets["validation"]) == 0:
+        datasets["validation"] = None
+        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
     if ft_args.use_lora:
         model = apply_lora(
             model, ft_args, new_token_ids=new_ids, activation_checkpointing=args.activation_checkpointing
         )
+    train_rows = "streamed" if data_args.streaming else f"{len(datasets['train']):,}"
     logger.info(
-        "model: %s parameters; data: %s, %d train / %d eval rows",
-        f"{num_parameters(model):,}", fmt, len(datasets["train"]), len(datasets["validation"]),
+        "model: %s parameters; data: %s, %s train / %d eval rows",
+        f"{num_parameters(model):,}", fmt, train_rows, len(datasets["validation"] or []),
     )  # fmt: skip
 
     # -- train ------------------------------------------------------------------------------------------------
+    # A stream of unpacked SFT examples pads every batch to --block_size (see LabelsCollator.width).
+    stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     trainer = LMTrainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
-        data_collator=LabelsCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=LabelsCollator(pad_token_id=tokenizer.pad_token_id, width=stream_width),
         processing_class=tokenizer,
     )
     train_result = trainer.train(resume_from_checkpoint=resume_from)

@@ -127,3 +127,73 @@ def test_every_preset_parses(tmp_path, monkeypatch, preset):
     parsed = parse_args(groups, argv=["--config", str(REPO / "recipes" / "configs" / preset), "--use_cpu", "true",
                                       "--output_dir", str(tmp_path)])  # fmt: skip
     assert parsed[-1].output_dir == str(tmp_path)
+
+
+# -- explicit fields and defaults that follow the model -----------------------------------------------------------
+
+
+def test_explicit_fields_are_the_users_flags_and_config_not_the_recipe_preset(tmp_path):
+    from lmkit.args import explicit_fields
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("block_size: 512\nlearning_rate: 1.0e-3\nhidden_size: 96\nnum_attention_heads: 3\n")
+    argv = ["--output_dir", str(tmp_path), "--max-steps", "3", "--no_cpu_allocator_reuse", "--seed=5"]
+    model_args, data_args, args = parse_args(argv=argv, default_config=preset)
+    assert (data_args.block_size, args.learning_rate, args.max_steps, args.seed) == (512, 1e-3, 3, 5)
+    assert explicit_fields(model_args) == frozenset()
+    assert explicit_fields(data_args) == frozenset()
+    assert explicit_fields(args) == {"output_dir", "max_steps", "cpu_allocator_reuse", "seed"}
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("block_size: 64\nvalidation_split: 0.1\n")
+    model_args, data_args, args = parse_args(
+        argv=["--config", str(mine), "--hidden_size", "64"], default_config=preset
+    )
+    assert explicit_fields(data_args) == {"block_size", "validation_split"}  # a --config the user passed
+    assert explicit_fields(model_args) == {"hidden_size"}
+    assert explicit_fields(args) == frozenset()
+    assert data_args.block_size == 64 and args.learning_rate == 3e-4  # the preset is not read at all then
+
+
+def test_fit_block_size_default_follows_explicit_errors(tmp_path, caplog):
+    import logging
+
+    from lmkit.args import DataArguments, fit_block_size
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("block_size: 512\n")
+    _, data_args, _ = parse_args(argv=[], default_config=preset)
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        fit_block_size(data_args, 128, "the model's max_position_embeddings")
+    assert data_args.block_size == 128
+    assert caplog.messages == [
+        "--block_size 512 (a default) exceeds the model's max_position_embeddings 128: using --block_size 128"
+    ]
+    fit_block_size(data_args, None, "the model's max_position_embeddings")  # a model without a limit: kept
+    assert data_args.block_size == 128
+
+    _, data_args, _ = parse_args(argv=["--block_size", "512"], default_config=preset)
+    with pytest.raises(LMKitError, match=r"^--block_size 512 exceeds the model's max_position_embeddings 128$"):
+        fit_block_size(data_args, 128, "the model's max_position_embeddings")
+    with pytest.raises(LMKitError, match="--block_size 256 exceeds"):  # built directly: every field is explicit
+        fit_block_size(DataArguments(block_size=256), 128, "the model's max_position_embeddings")
+
+
+def test_fit_evaluation_turns_default_evaluation_off_and_refuses_asked_for_evaluation(tmp_path):
+    from lmkit.args import fit_evaluation
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("eval_strategy: steps\neval_on_start: true\n")
+    *_, args = parse_args(argv=["--output_dir", str(tmp_path)], default_config=preset)
+    fit_evaluation(args, "--validation_split 0.0 holds out no validation data")
+    assert (args.eval_strategy, args.eval_on_start, args.do_eval) == ("no", False, False)
+    for flags, message in [
+        (["--eval_strategy", "steps"], "--eval_strategy steps: --validation_split 0.0 holds out"),
+        (["--eval_on_start", "true"], "--eval_on_start True: --validation_split 0.0 holds out"),
+    ]:
+        *_, args = parse_args(argv=["--output_dir", str(tmp_path), *flags], default_config=preset)
+        with pytest.raises(LMKitError, match=message):
+            fit_evaluation(args, "--validation_split 0.0 holds out no validation data")
+    *_, args = parse_args(argv=["--output_dir", str(tmp_path), "--eval_strategy", "no"], default_config=preset)
+    fit_evaluation(args, "--validation_split 0.0 holds out no validation data")  # asked for no evaluation: fine
+    assert args.eval_on_start is False

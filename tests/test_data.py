@@ -363,31 +363,24 @@ def test_streaming_yields_the_same_blocks(tmp_path, corpus, char_tok, monkeypatc
     kwargs = {"train_files": [str(train)], "validation_files": [str(val)], "block_size": 16}
     a, s = args(tmp_path, **kwargs), args(tmp_path, streaming=True, max_eval_blocks=10, **kwargs)
     lm = build_lm_datasets(load_raw_datasets(a, 0), char_tok, a)
-    streamed = build_lm_datasets(load_raw_datasets(s, 0), char_tok, s, rank=0, world_size=1)
+    streamed = build_lm_datasets(load_raw_datasets(s, 0), char_tok, s)
     assert blocks(streamed["train"]) == blocks(lm["train"])
     assert isinstance(streamed["validation"], Dataset)
     assert blocks(streamed["validation"]) == blocks(lm["validation"])[:10]
 
 
-def test_streaming_shards_are_disjoint(tmp_path, corpus, char_tok):
+def test_a_stream_is_never_split_by_rank(tmp_path, corpus, char_tok, monkeypatch):
+    # accelerate shares a stream among ranks (rank 0 reads, every rank gets its slice of each global batch), so
+    # lmkit hands every rank the whole stream, whatever RANK / WORLD_SIZE say (see share_stream_across_ranks).
     train, val = corpus
     s = args(tmp_path, train_files=[str(train)], validation_files=[str(val)], block_size=16, streaming=True)
     raw = load_raw_datasets(s, 0)
-    whole = blocks(build_lm_datasets(raw, char_tok, s, rank=0, world_size=1)["train"])
-    shards = [blocks(build_lm_datasets(raw, char_tok, s, rank=r, world_size=2)["train"]) for r in (0, 1)]
-    assert not {tuple(b) for b in shards[0]} & {tuple(b) for b in shards[1]}
-    assert abs(len(shards[0]) + len(shards[1]) - len(whole)) <= 2  # each rank drops its own remainder
-    assert min(len(shards[0]), len(shards[1])) > 0.4 * len(whole)
-
-
-def test_streaming_rank_from_environment(tmp_path, corpus, char_tok, monkeypatch):
-    train, val = corpus
-    s = args(tmp_path, train_files=[str(train)], validation_files=[str(val)], block_size=16, streaming=True)
-    raw = load_raw_datasets(s, 0)
+    whole = blocks(build_lm_datasets(raw, char_tok, s)["train"])
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    from_env = blocks(build_lm_datasets(raw, char_tok, s)["train"])
-    assert from_env == blocks(build_lm_datasets(raw, char_tok, s, rank=1, world_size=2)["train"])
+    assert blocks(build_lm_datasets(raw, char_tok, s)["train"]) == whole
+    with pytest.raises(TypeError, match="must be a torch IterableDataset, got Dataset"):
+        data.share_stream_across_ranks(Dataset.from_dict({"input_ids": [[1, 2]]}))
 
 
 def test_streaming_random_hold_out_partitions_documents(tmp_path, twenty_docs):

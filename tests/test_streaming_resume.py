@@ -64,7 +64,7 @@ def stream(corpus: Path, tokenizer, tmp_path: Path) -> PackedStream:
         train_files=[str(corpus)], sample_by="line", block_size=BLOCK_SIZE, streaming=True, validation_split=0.1,
         max_eval_blocks=4, cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
-    train = build_lm_datasets(load_raw_datasets(args, seed=0), tokenizer, args, rank=0, world_size=1)["train"]
+    train = build_lm_datasets(load_raw_datasets(args, seed=0), tokenizer, args)["train"]
     assert isinstance(train, PackedStream)
     return train
 
@@ -191,7 +191,7 @@ def test_position_restores_the_exact_continuation(tmp_path, corpus, tokenizer, t
         train_files=[str(corpus)], sample_by="line", block_size=BLOCK_SIZE, streaming=True,
         validation_split=0.1 if hold_out else 0.0, cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
-    ds = build_lm_datasets(load_raw_datasets(args, seed=0), tokenizer, args, rank=0, world_size=1)["train"]
+    ds = build_lm_datasets(load_raw_datasets(args, seed=0), tokenizer, args)["train"]
     every = [row["input_ids"] for row in ds]
     for cut in (1, 2, 37, 250, len(every) - 1, len(every)):
         rows = iter(ds)
