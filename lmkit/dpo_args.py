@@ -1,0 +1,77 @@
+"""Arguments of ``recipes/dpo.py`` beyond the shared groups: the preference loss and its reference model.
+
+Chat templates, ``--packing`` and the LoRA flags come from FinetuneArguments, files from DataArguments, the Trainer's
+from LMTrainingArguments. ``--max_length`` (here) bounds prompt + answer; DataArguments' ``--block_size`` is unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmkit.errors import LMKitError
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class PreferenceArguments:
+    """Which preference loss to optimise, its strength, how long a pair may be, and what the reference is."""
+
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "sigmoid (DPO), ipo (squared, per-token log-ratios), simpo (reference-free, length-normalised, "
+            "margin --simpo_gamma), orpo (reference-free: NLL on the chosen answer + odds-ratio term)."
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "DPO/SimPO: scale of the log-ratio inside the sigmoid; IPO: the regulariser tau (target margin "
+            "1 / (2 beta)); ORPO: weight of the odds-ratio term (lambda)."
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "sigmoid / simpo: assumed probability that a pair's label is flipped (cDPO), in [0, 0.5)."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin gamma."})
+    max_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Longest prompt + answer in tokens. Longer answers are cut at the end (counted in the log); a "
+            "pair whose prompt leaves no room for an answer is dropped (counted)."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A separate reference model (its tokenizer must equal the policy's). None: the starting model "
+            "itself (with --use_lora: the base, before the adapter exists). Its log-probs are computed once "
+            "before training and cached on disk; it is never held in memory while training."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(f"--loss_type {self.loss_type!r} is unknown (choose one of {', '.join(LOSS_TYPES)})")
+        if self.beta <= 0:
+            problems.append(f"--beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            problems.append(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            problems.append(f"--label_smoothing applies to sigmoid and simpo, not --loss_type {self.loss_type}")
+        if self.max_length < 2:
+            problems.append(f"--max_length must be at least 2, got {self.max_length}")
+        if self.ref_model_name_or_path and self.loss_type in REFERENCE_FREE:
+            problems.append(
+                f"--ref_model_name_or_path: --loss_type {self.loss_type} is reference-free and would ignore it"
+            )
+        if problems:
+            raise LMKitError("; ".join(problems))
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE

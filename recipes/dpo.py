@@ -1,0 +1,179 @@
+"""Preference-tune a causal LM on (prompt, chosen, rejected) pairs: DPO, IPO, SimPO or ORPO.
+
+    accelerate launch recipes/dpo.py --model_name_or_path outputs/sft --train_files prefs.jsonl
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo-lora.yaml --model_name_or_path path/to/any-causal-lm \
+        --train_files prefs.jsonl
+    accelerate launch recipes/dpo.py --model_name_or_path outputs/sft --train_files prefs.jsonl --loss_type simpo \
+        --beta 2.0 --simpo_gamma 0.5          # reference-free: no reference pass
+
+Rows are TRL's preference formats (see lmkit.dpo): {"prompt", "chosen", "rejected"} strings or message lists, or
+{"chosen", "rejected"} whole conversations sharing the prompt. The reference (the starting model, the base under
+--use_lora, or --ref_model_name_or_path) scores every pair once before training; its log-probs are cached on disk
+and no second model stays in memory. Without --config this uses recipes/configs/dpo.yaml.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+from transformers import set_seed
+
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, explicit_fields, fit_evaluation, parse_args
+from lmkit.dpo import (
+    PreferenceCollator,
+    PreferenceTrainer,
+    add_reference_logps,
+    build_preference_dataset,
+    cache_root,
+    check_reference_tokenizer,
+    is_conversational,
+    load_preference_rows,
+    model_key,
+)
+from lmkit.dpo_args import PreferenceArguments
+from lmkit.errors import LMKitError, main_entry
+from lmkit.finetune import (
+    LoadedModel,
+    add_stop_token,
+    add_tokens,
+    apply_lora,
+    check_vocab,
+    load_config,
+    load_model,
+    load_tokenizer,
+    merge_lora,
+    resolve_starting_point,
+)
+from lmkit.finetune_args import FinetuneArguments
+from lmkit.perf import resolve_attn_implementation
+from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
+from lmkit.sft import end_of_turn_token, resolve_chat_template
+
+logger = logging.getLogger("lmkit.dpo")
+DEFAULT_DPO_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo.yaml"
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    # -- setup ------------------------------------------------------------------------------------------------
+    groups = (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments)
+    model_args, data_args, ft_args, pref_args, args = parse_args(groups, argv, DEFAULT_DPO_CONFIG)
+    if ft_args.train_on_prompt:
+        raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
+    if ft_args.load_in_4bit:
+        raise LMKitError("--load_in_4bit is not supported by recipes/dpo.py yet (use --use_lora)")
+    spec = resolve_starting_point(model_args.model_name_or_path)
+    ref_spec = resolve_starting_point(pref_args.ref_model_name_or_path) if pref_args.ref_model_name_or_path else None
+    model_config = load_config(spec, model_args.trust_remote_code)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if max_positions is not None and pref_args.max_length > max_positions:
+        if "max_length" in explicit_fields(pref_args):
+            raise LMKitError(
+                f"--max_length {pref_args.max_length} exceeds the model's max_position_embeddings {max_positions}"
+            )
+        pref_args.max_length = max_positions  # a default follows the model (the start-up report shows it)
+    resume_from = prepare_run(
+        args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args, pref_args
+    )
+
+    # -- tokenizer and data -----------------------------------------------------------------------------------
+    tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
+    tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
+    saved_vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < n_saved}
+    rows = load_preference_rows(data_args, seed=args.seed)
+    new_special: list[str] = []
+    if is_conversational(rows["train"]):
+        tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
+
+    # -- model ------------------------------------------------------------------------------------------------
+    def build(path: str):
+        model = load_model(
+            path,
+            attn_implementation=resolve_attn_implementation(
+                model_args.attn_implementation, args, pref_args.max_length
+            ),
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        check_vocab(model, n_saved, tokenizer_spec)
+        return model
+
+    set_seed(args.seed)  # weights drawn here (LoRA adapters): the same flags, the same run
+    model = build(spec)
+    new_ids = add_tokens(model, tokenizer, n_saved, new_special)
+    if new_special:
+        add_stop_token(model, end_of_turn_token(tokenizer))
+    cache_dir = cache_root(data_args)
+    datasets = {
+        split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, cache_dir=cache_dir)
+        for split, split_rows in rows.items()
+        if split_rows
+    }
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
+
+    # -- reference log-probs: one pass, cached; then only the policy stays in memory -----------------------------
+    if pref_args.needs_reference:
+        ref_model = model  # the starting model (under --use_lora: the base, before the adapter exists)
+        if ref_spec is not None:
+            ref_tokenizer, _ = load_tokenizer(ref_spec, model_args.trust_remote_code)
+            check_reference_tokenizer(ref_tokenizer, saved_vocab, ref_spec)
+            ref_model = build(ref_spec)
+            add_tokens(ref_model, ref_tokenizer, n_saved, new_special)
+        key = model_key(ref_spec or spec, extra=f"{new_special}|{model_args.attn_implementation}")
+        ref_model.to(args.device)
+        with args.main_process_first(local=False, desc="reference log-probs"):
+            datasets = {
+                split: add_reference_logps(
+                    data,
+                    ref_model,
+                    collator,
+                    key=key,
+                    cache_dir=cache_dir,
+                    split=split,
+                    batch_size=args.per_device_eval_batch_size,
+                    bf16=bool(args.bf16),
+                )  # fmt: skip
+                for split, data in datasets.items()
+            }
+        del ref_model
+        gc.collect()
+
+    if "validation" not in datasets:
+        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
+    if ft_args.use_lora:
+        model = apply_lora(
+            model, ft_args, new_token_ids=new_ids, activation_checkpointing=args.activation_checkpointing
+        )
+    logger.info(
+        "model: %s parameters; loss %s (beta %g); %d train / %d eval pairs",
+        f"{num_parameters(model):,}", pref_args.loss_type, pref_args.beta, len(datasets["train"]),
+        len(datasets.get("validation") or []),
+    )  # fmt: skip
+
+    # -- train ------------------------------------------------------------------------------------------------
+    trainer = PreferenceTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("validation"),
+        data_collator=collator,
+        processing_class=tokenizer,
+        preference_args=pref_args,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # -- save and evaluate ------------------------------------------------------------------------------------
+    metrics = save_and_evaluate(trainer, train_result)
+    if ft_args.merge_lora and trainer.is_world_process_zero():
+        merge_lora(
+            spec,
+            args.output_dir,
+            str(Path(args.output_dir) / "merged"),
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

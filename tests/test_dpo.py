@@ -1,0 +1,502 @@
+"""Preference tuning (lmkit.dpo, recipes/dpo.py): parity with TRL, data formats, packing, the recipe, bad input."""
+
+import copy
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from _recipes import load_recipe
+from datasets import Dataset
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmkit import LMConfig, LMForCausalLM
+from lmkit.dpo import (
+    PreferenceCollator,
+    build_preference_dataset,
+    enable_token_logps,
+    extract_prompt,
+    preference_loss,
+    read_preference_rows,
+    sequence_logps,
+    tokenize_pair,
+)
+from lmkit.dpo_args import PreferenceArguments
+from lmkit.sft import DEFAULT_CHAT_TEMPLATE
+from lmkit.tokenizer import build_tokenizer
+
+dpo = load_recipe("dpo")
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz\n: "
+QUIET = [
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "true",
+    "--bf16",
+    "false",
+    "--disable_tqdm",
+    "true",
+    "--peak_flops",
+    "1e12",
+]
+WORDS = ["abc", "bcde", "cd", "defgh"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CPU is shared: one thread per test process is several times faster than two fighting threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def char_tokenizer(alphabet: str = ALPHABET):
+    return build_tokenizer("char", [alphabet])  # 32 tokens: 29 characters, eos, pad, unk
+
+
+def tiny_model(tok, hidden: int = 32, init: float = 0.2, seed: int = 0) -> LMForCausalLM:
+    torch.manual_seed(seed)
+    config = LMConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=init, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    return LMForCausalLM(config)
+
+
+def pair_rows(prompt=lambda w: f"reverse: {w}\n"):
+    """Pairs of unequal answer lengths, so padding and length normalisation both matter."""
+    return [{"prompt": prompt(w), "chosen": w[::-1], "rejected": w + "x" * i} for i, w in enumerate(WORDS)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def lmkit_loss(model, features, pref_args, ref=None, packing=False):
+    enable_token_logps(model)
+    batch = PreferenceCollator(pad_token_id=2, packing=packing)(features)
+    ref_logps = None
+    if ref is not None:
+        enable_token_logps(ref)
+        with torch.no_grad():
+            ref_logps, _ = sequence_logps(ref, batch)
+    model.train()
+    logps, counts = sequence_logps(model, batch)
+    loss, metrics = preference_loss(pref_args, logps, counts, ref_logps)
+    loss.backward()
+    return loss, metrics
+
+
+# -- parity with TRL --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny policy and a reference that differs from it (so the log-ratios are not zero)."""
+    tok = char_tokenizer()
+    policy = tiny_model(tok)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tok, policy, ref
+
+
+def assert_same(loss, trl_loss, model, trl_model, metrics, trl_metrics, names):
+    torch.testing.assert_close(loss, trl_loss, rtol=0, atol=1e-5)
+    trl_grads = grads(trl_model)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, trl_grads[name], rtol=0, atol=1e-5, msg=f"gradient of {name}")
+    for name in names:
+        assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], abs=1e-5), name
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_loss_and_gradients_match_trl_dpo_trainer(models, loss_type, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    tok, policy, ref = copy.deepcopy(models)
+    rows = pair_rows()
+    data = build_preference_dataset(rows, tok, 64)
+    features = [data[i] for i in range(len(data))]
+
+    def trl_example(f):
+        n = next(i for i, t in enumerate(f["chosen_labels"]) if t != -100)
+        ids = f["chosen_input_ids"]
+        return {"prompt_ids": ids[:n], "chosen_ids": ids[n:], "rejected_ids": f["rejected_input_ids"][n:]}
+
+    trl_policy = copy.deepcopy(policy)
+    config = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, loss_type=[loss_type], beta=0.3,
+                       precompute_ref_log_probs=False, bf16=False)  # fmt: skip
+    trainer = DPOTrainer(
+        model=trl_policy, ref_model=copy.deepcopy(ref), args=config, train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )  # fmt: skip
+    trl_policy.train()
+    trl_loss = trainer.compute_loss(trl_policy, trainer.data_collator([trl_example(f) for f in features]))
+    trl_loss.backward()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    loss, metrics = lmkit_loss(policy, features, PreferenceArguments(loss_type=loss_type, beta=0.3), ref)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected"]  # fmt: skip
+    assert_same(loss, trl_loss, policy, trl_policy, metrics, trl_metrics, names)
+    print(f"{loss_type}: lmkit {loss.item():.8f} TRL {trl_loss.item():.8f}")
+
+
+def cpo_style_batch(features, pad_token_id):
+    """The (unshifted, -100 on the prompt) batch TRL's CPOTrainer / ORPOTrainer build from their own tokenization."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = [torch.tensor(f[f"{side}_input_ids"]) for f in features]
+        batch[f"{side}_input_ids"] = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)
+        batch[f"{side}_attention_mask"] = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+        labels = [torch.tensor(f[f"{side}_labels"]) for f in features]
+        batch[f"{side}_labels"] = pad_sequence(labels, batch_first=True, padding_value=-100)
+    return batch
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_simpo_matches_trl_cpo_trainer(models, label_smoothing, tmp_path):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tok, policy, _ = copy.deepcopy(models)
+    rows = pair_rows()
+    features = list(build_preference_dataset(rows, tok, 64))
+    trl_policy = copy.deepcopy(policy)
+    config = CPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, loss_type="simpo", cpo_alpha=0.0,
+                       beta=2.0, simpo_gamma=0.7, label_smoothing=label_smoothing, bf16=False)  # fmt: skip
+    trainer = CPOTrainer(model=trl_policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trl_policy.train()
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trl_policy, cpo_style_batch(features, tok.pad_token_id))
+    trl_loss.backward()
+
+    args = PreferenceArguments(loss_type="simpo", beta=2.0, simpo_gamma=0.7, label_smoothing=label_smoothing)
+    loss, metrics = lmkit_loss(policy, features, args)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"]
+    assert_same(loss, trl_loss, policy, trl_policy, metrics, trl_metrics, names)
+
+
+def test_orpo_matches_trl_orpo_trainer(models, tmp_path):
+    # TRL's ORPOTrainer puts the prompt's tokens into its NLL term too; lmkit (like the ORPO paper) only the chosen
+    # answer's. With empty prompts the two are the same sum, so loss and gradients must agree exactly.
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tok, policy, _ = copy.deepcopy(models)
+    rows = pair_rows(prompt=lambda w: "")
+    features = list(build_preference_dataset(rows, tok, 64))
+    trl_policy = copy.deepcopy(policy)
+    config = ORPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=0.3, bf16=False)
+    trainer = ORPOTrainer(model=trl_policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trl_policy.train()
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trl_policy, cpo_style_batch(features, tok.pad_token_id))
+    trl_loss.backward()
+
+    loss, metrics = lmkit_loss(policy, features, PreferenceArguments(loss_type="orpo", beta=0.3))
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "nll_loss", "log_odds_ratio",
+             "log_odds_chosen"]  # fmt: skip
+    assert_same(loss, trl_loss, policy, trl_policy, metrics, trl_metrics, names)
+
+
+# -- packing and the chunked head -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_packed_pairs_give_the_unpacked_loss_and_gradients(models, loss_type):
+    tok, policy, ref = copy.deepcopy(models)
+    features = list(build_preference_dataset(pair_rows(), tok, 64))
+    packed_policy = copy.deepcopy(policy)
+    use_ref = ref if loss_type == "sigmoid" else None
+    loss, _ = lmkit_loss(policy, features, PreferenceArguments(loss_type=loss_type), use_ref)
+    packed_loss, _ = lmkit_loss(packed_policy, features, PreferenceArguments(loss_type=loss_type), use_ref, True)
+    batch = PreferenceCollator(pad_token_id=2, packing=True)(features)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one padding-free row
+    assert batch["position_ids"][0].tolist().count(0) == 2 * len(features)  # positions restart per sequence
+    torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-5)
+    packed_grads = grads(packed_policy)
+    for name, grad in grads(policy).items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_chunked_log_probs_equal_full_logits(models):
+    from lmkit.dpo import token_logps
+
+    tok, policy, _ = copy.deepcopy(models)
+    hidden = torch.randn(11, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (11,))
+    full = torch.log_softmax(policy.lm_head(hidden), -1).gather(1, targets[:, None])[:, 0]
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    chunked = token_logps(policy.lm_head, hidden, targets, chunk=3)  # 4 chunks, checkpointed
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_chunked, g_full, rtol=0, atol=1e-6)
+
+
+# -- data formats -----------------------------------------------------------------------------------------------
+
+
+def test_explicit_pair_tokens_and_scored_positions():
+    tok = char_tokenizer()
+    out = tokenize_pair({"prompt": "ab:", "chosen": "c", "rejected": "dd"}, tok, max_length=64)
+    a, b, colon, c, d, eos = tok.convert_tokens_to_ids(["a", "b", ":", "c", "d", tok.eos_token])
+    assert out["chosen_input_ids"] == [a, b, colon, c, eos]
+    assert out["chosen_labels"] == [-100, -100, -100, c, eos]  # the answer and its EOS are scored, not the prompt
+    assert out["rejected_input_ids"] == [a, b, colon, d, d, eos]
+    assert out["status"] == 0
+    batch = PreferenceCollator(pad_token_id=tok.pad_token_id)([out])
+    assert batch["input_ids"].tolist() == [[a, b, colon, c, tok.pad_token_id], [a, b, colon, d, d]]
+    assert batch["targets"].tolist() == [[-100, -100, c, eos, -100], [-100, -100, d, d, eos]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch["sequence_ids"][:, 0].tolist() == [0, 1]
+    # max_length: an answer is cut at the end; a prompt without room leaves the pair dropped
+    assert tokenize_pair({"prompt": "ab:", "chosen": "c", "rejected": "dd"}, tok, max_length=5)["status"] == 1
+    assert tokenize_pair({"prompt": "ab:", "chosen": "c", "rejected": "dd"}, tok, max_length=3)["status"] == 2
+
+
+def test_implicit_prompt_is_the_shared_prefix():
+    assert extract_prompt("The sky is blue.", "The sky is green.") == ("The sky is", " blue.", " green.")
+    user = {"role": "user", "content": "q"}
+    chosen, rejected = [user, {"role": "assistant", "content": "a"}], [user, {"role": "assistant", "content": "b"}]
+    assert extract_prompt(chosen, rejected) == ([user], chosen[1:], rejected[1:])
+
+
+def test_conversational_rows_explicit_and_implicit_tokenize_alike():
+    tok = char_tokenizer(ALPHABET + "<|>_\n")
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE.read_text()
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "q"},
+    ]
+    explicit = {
+        "prompt": history,
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    implicit = {"chosen": history + explicit["chosen"], "rejected": history + explicit["rejected"]}
+    rows, _ = read_preference_rows(iter([("a", explicit), ("b", implicit)]), "--train_files")
+    first, second = (tokenize_pair(r, tok, 256) for r in rows)
+    assert first == second
+    scored = "".join(tok.convert_ids_to_tokens([t for t in first["chosen_labels"] if t != -100]))
+    # only the final answer (its content and the template's end-of-turn) is scored: "yo" is context
+    assert scored.startswith("good") and "yo" not in scored and scored.endswith(tok.eos_token)
+
+
+# -- the recipe -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dpo-base")
+    tok = char_tokenizer()
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def prefs_file(tmp_path: Path, n: int = 24) -> Path:
+    words = ["".join(p) for p in itertools.product("abcdefg", repeat=3)][:n]
+    return write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w}
+                                                  for w in words])  # fmt: skip
+
+
+def run(*argv) -> dict:
+    return dpo.main([*map(str, argv), *QUIET])
+
+
+SHORT = ["--max_length", 32, "--max_steps", 3, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
+         "--eval_steps", 1000, "--save_strategy", "no", "--logging_steps", 1]  # fmt: skip
+
+
+def test_recipe_logs_trl_metrics_and_reuses_the_cached_reference(base, tmp_path, caplog):
+    data = prefs_file(tmp_path)
+    common = ["--model_name_or_path", base, "--train_files", data, "--cache_dir", tmp_path / "cache", *SHORT]
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        metrics = run(*common, "--output_dir", tmp_path / "a")
+    assert "reference log-probs of" in caplog.text and "computed" in caplog.text
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):  # fmt: skip
+        assert f"eval_{name}" in metrics
+    state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
+    first = state["log_history"][0]
+    assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0  # step 1: policy == reference
+    assert "rewards/margins" in state["log_history"][2]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        again = run(*common, "--output_dir", tmp_path / "b")
+    assert "reference log-probs from the cache" in caplog.text
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+
+
+def test_lora_reference_is_the_base_and_merge_writes_a_full_model(base, tmp_path):
+    data = prefs_file(tmp_path)
+    out = tmp_path / "out"
+    run("--config", dpo.DEFAULT_DPO_CONFIG.parent / "dpo-lora.yaml", "--model_name_or_path", base,
+        "--train_files", data, "--output_dir", out, "--cache_dir", tmp_path / "cache", "--lora_r", 4,
+        "--gradient_accumulation_steps", 1, *SHORT)  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["log_history"][0]["rewards/margins"] == 0.0  # adapter at zero: the policy equals the reference
+    assert (out / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.get_input_embeddings().num_embeddings == 64
+
+
+def test_separate_reference_model(base, tmp_path):
+    tok = char_tokenizer()
+    ref_dir = tmp_path / "ref"
+    tiny_model(tok, seed=1).save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    metrics = run(
+        "--model_name_or_path",
+        base,
+        "--ref_model_name_or_path",
+        ref_dir,
+        "--train_files",
+        prefs_file(tmp_path),
+        "--output_dir",
+        tmp_path / "out",
+        "--cache_dir",
+        tmp_path / "cache",
+        *SHORT,
+    )
+    assert metrics["eval_rewards/margins"] != 0.0  # another model's log-probs: the rewards are not ~0
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+def _bad_cases(tmp_path: Path, base: Path) -> dict[str, tuple[list, str]]:
+    good = prefs_file(tmp_path)
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                                       {"prompt": "a", "chosen": "b"}])  # fmt: skip
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "chosen": "", "rejected": "c"}])
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}] * 3)
+    other_tok = char_tokenizer("xyz0123456789 ")
+    other = tmp_path / "other-ref"
+    tiny_model(other_tok).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    model = ["--model_name_or_path", base]
+    return {
+        "pref-missing-rejected": (
+            [*model, "--train_files", missing],
+            f"--train_files {missing}:2: no 'rejected' field",
+        ),
+        "pref-empty-answer": ([*model, "--train_files", empty], f"--train_files {empty}:1: empty 'chosen' answer"),
+        "pref-all-identical": (
+            [*model, "--train_files", same],
+            "no preference pairs left (every pair's chosen equals",
+        ),
+        "pref-no-room": (
+            [*model, "--train_files", good, "--max_length", 8],
+            "every pair's prompt fills --max_length 8; no answer could be scored",
+        ),
+        "pref-loss-type": ([*model, "--train_files", good, "--loss_type", "dpo2"], "--loss_type 'dpo2' is unknown"),
+        "pref-beta": ([*model, "--train_files", good, "--beta", 0], "--beta must be positive, got 0"),
+        "pref-ref-tokenizer": (
+            [*model, "--train_files", good, "--ref_model_name_or_path", other],
+            f"--ref_model_name_or_path {other}: its tokenizer differs from the policy's",
+        ),
+        "pref-ref-reference-free": (
+            [*model, "--train_files", good, "--ref_model_name_or_path", base, "--loss_type", "simpo"],
+            "--ref_model_name_or_path: --loss_type simpo is reference-free",
+        ),
+        "pref-train-on-prompt": (
+            [*model, "--train_files", good, "--train_on_prompt", "true"],
+            "--train_on_prompt does not apply to preference tuning",
+        ),
+    }
+
+
+BAD = ["pref-missing-rejected", "pref-empty-answer", "pref-all-identical", "pref-no-room", "pref-loss-type",
+       "pref-beta", "pref-ref-tokenizer", "pref-ref-reference-free", "pref-train-on-prompt"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, tmp_path, capsys, case):
+    argv, message = _bad_cases(tmp_path, base)[case]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv, "--output_dir", out, "--cache_dir", tmp_path / "cache", "--max_steps", 1)
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("lmkit: error: ")
+    assert message in last_line
+    assert not out.exists()
+
+
+def test_identical_and_roomless_pairs_are_dropped_and_counted(base, tmp_path, caplog):
+    rows = [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w} for w in ("abc", "bcd", "cde", "def")]
+    rows += [{"prompt": "same", "chosen": "x", "rejected": "x"}] * 2  # dropped: nothing to prefer
+    rows += [{"prompt": "a very long prompt that fills the whole budget", "chosen": "a", "rejected": "b"}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="lmkit"):
+        run("--model_name_or_path", base, "--train_files", data, "--validation_files", data, "--output_dir",
+            tmp_path / "out", "--cache_dir", tmp_path / "cache", *SHORT, "--max_length", 24)  # fmt: skip
+    assert "train: dropped 2 pair(s) whose chosen answer equals the rejected one" in caplog.text
+    assert (
+        "train: dropped 1 of 5 pairs whose prompt leaves no room for an answer within --max_length 24" in caplog.text
+    )
+
+
+# -- learning ---------------------------------------------------------------------------------------------------
+
+
+def greedy_behaviour(model_dir: Path, words: list[str]) -> dict[str, int]:
+    """Greedy answers to held-out "reverse: w" prompts: the preferred reversal, the rejected copy, or other."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    counts = {"reverse": 0, "copy": 0, "other": 0}
+    for w in words:
+        inputs = tok(f"reverse: {w}\n", return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        counts["reverse" if answer == w[::-1] else "copy" if answer == w else "other"] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_dpo_on_an_sft_model_prefers_the_chosen_behaviour_on_held_out_prompts(tmp_path):
+    """SFT a tiny model on both answers to "reverse: w" (the reversal and a copy), then DPO it with the reversal
+    chosen: held-out reward accuracy and greedy answers must move to the reversal."""
+    tok = char_tokenizer()
+    tiny_model(tok, hidden=64, init=0.02).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    words = ["".join(p) for p in itertools.product("abcdefg", repeat=3)]
+    random.Random(0).shuffle(words)
+    train, held_out = words[40:], words[:40]
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"reverse: {w}\n", "completion": c}
+                                               for w in train for c in (w[::-1], w)])  # fmt: skip
+    pairs = lambda ws: [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w} for w in ws]  # noqa: E731
+    load_recipe("finetune").main(list(map(str, [
+        "--model_name_or_path", tmp_path / "base", "--train_files", sft, "--output_dir", tmp_path / "sft",
+        "--block_size", 32, "--max_steps", 150, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
+        "--eval_strategy", "no", "--save_strategy", "no", *QUIET,
+    ])))  # fmt: skip
+    before = greedy_behaviour(tmp_path / "sft", held_out)
+    metrics = run(
+        "--model_name_or_path", tmp_path / "sft", "--train_files", write_jsonl(tmp_path / "p.jsonl", pairs(train)),
+        "--validation_files", write_jsonl(tmp_path / "h.jsonl", pairs(held_out)), "--output_dir", tmp_path / "dpo",
+        "--cache_dir", tmp_path / "cache", "--max_length", 32, "--max_steps", 60, "--learning_rate", 1e-3,
+        "--per_device_train_batch_size", 16, "--eval_strategy", "steps", "--eval_steps", 1000,
+        "--save_strategy", "no", "--logging_steps", 10,
+    )  # fmt: skip
+    state = json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())
+    after = greedy_behaviour(tmp_path / "dpo", held_out)
+    print(f"held-out greedy answers (of {len(held_out)}): SFT {before}, after DPO {after}; eval reward accuracy "
+          f"{metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:.3f}")  # fmt: skip
+    assert state["log_history"][0]["rewards/accuracies"] == 0.0  # the first step: policy == reference, all ties
+    assert metrics["eval_rewards/accuracies"] >= 0.9
+    assert after["reverse"] >= before["reverse"] + 8 and after["copy"] <= before["copy"] // 2
