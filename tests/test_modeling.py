@@ -4,6 +4,7 @@ import ast
 import copy
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -455,6 +456,27 @@ def test_save_pretrained_ships_the_model_files_with_auto_map(tmp_path):
     }
     for name in ("configuration_lmkit.py", "modeling_lmkit.py"):
         assert (tmp_path / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name
+
+
+def test_importing_lmkit_only_registers_the_model():
+    # transformers' modeling code is imported first: on first import it sets TORCHINDUCTOR_CACHE_DIR and warning
+    # filters itself, which would otherwise be charged to lmkit.
+    script = """
+import logging, os, sys, warnings
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, GenerationMixin  # their import effects
+before = (dict(os.environ), torch.get_num_threads(), list(logging.getLogger().handlers), list(warnings.filters))
+modules = set(sys.modules)
+import lmkit
+loaded = sorted(m for m in set(sys.modules) - modules if m.startswith("lmkit"))
+assert loaded == ["lmkit", "lmkit.modeling", "lmkit.modeling.configuration_lmkit", "lmkit.modeling.modeling_lmkit"], loaded
+after = (dict(os.environ), torch.get_num_threads(), list(logging.getLogger().handlers), list(warnings.filters))
+assert after == before
+assert AutoConfig.for_model("lmkit").__class__ is lmkit.LMConfig
+assert (lmkit.LMConfig._auto_class, lmkit.LMForCausalLM._auto_class) == ("AutoConfig", "AutoModelForCausalLM")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
