@@ -44,7 +44,8 @@ class LMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is one fused kernel for x * rsqrt(mean(x^2) + eps); same math as Llama's four ops.
+        # F.rms_norm: x * rsqrt(mean(x^2) + eps). On CPU torch runs it as Llama's own ops (pow, mean, add, rsqrt,
+        # mul), so CPU parity with Llama is exact; CUDA fuses them into one kernel.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
