@@ -419,6 +419,12 @@ def fit_block_size(data_args: DataArguments, max_positions: int | None, limit: s
     data_args.block_size = max_positions
 
 
+def check_streaming(data_args: DataArguments, args: LMTrainingArguments) -> None:
+    """A stream has no length to count epochs by: ``--streaming`` needs ``--max_steps``."""
+    if data_args.streaming and args.max_steps <= 0:
+        raise LMKitError("--streaming needs --max_steps: a stream has no length to count epochs by")
+
+
 _EVAL_FLAGS = ("eval_strategy", "eval_on_start", "load_best_model_at_end")
 
 

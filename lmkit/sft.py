@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments
 from lmkit.collator import IGNORE_INDEX
-from lmkit.data import FORMATS, STREAMING_EVAL_BLOCKS, is_held_out, resolve_data_files
+from lmkit.data import FORMATS, STREAMING_EVAL_BLOCKS, is_held_out, resolve_data_files, share_stream_across_ranks
 from lmkit.errors import LMKitError
 
 logger = logging.getLogger(__name__)
@@ -383,7 +383,9 @@ def build_sft_datasets(
     train_files = resolve_data_files(data_args.train_files, "--train_files")
     fmt = detect_format(train_files)
     hold_out = None if data_args.validation_files else (seed, data_args.validation_split)
-    train = SFTStream(train_files, fmt, tokenizer, data_args.block_size, hold_out=hold_out, **kwargs)
+    train = share_stream_across_ranks(
+        SFTStream(train_files, fmt, tokenizer, data_args.block_size, hold_out=hold_out, **kwargs)
+    )
     n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
     if data_args.validation_files:
         val_files = resolve_data_files(data_args.validation_files, "--validation_files")

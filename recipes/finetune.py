@@ -10,7 +10,10 @@ The files decide the task (see lmkit.sft): raw text continues pretraining; {"pro
 tokenizer's chat template or --chat_template FILE (default: lmkit/templates/chatml.jinja). Examples over
 --block_size + 1 tokens are dropped (the log counts them). --use_lora trains adapters (saved in --output_dir),
 --merge_lora also writes base + adapter as a full model to OUTPUT_DIR/merged. Without --config this uses
-recipes/configs/sft-full.yaml.
+recipes/configs/sft-full.yaml; its values that do not fit the model (a --block_size over its positions) follow the
+model, while the same values given on the command line or in your --config are errors. --streaming true
+--max_steps N reads, tokenizes and packs text or JSON-lines examples as training goes (every rank's share comes
+from rank 0; see lmkit.data.share_stream_across_ranks).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lmkit.args import (
     DataArguments,
     LMTrainingArguments,
     ModelArguments,
+    check_streaming,
     fit_block_size,
     fit_evaluation,
     parse_args,
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_from = prepare_run(args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args)
 
     # -- tokenizer and data -----------------------------------------------------------------------------------
+    check_streaming(data_args, args)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     fit_block_size(data_args, max_positions, "the model's max_position_embeddings")
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer

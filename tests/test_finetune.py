@@ -3,6 +3,8 @@
 import itertools
 import json
 import logging
+import math
+import os
 import random
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from lmkit.trainer import LMTrainer
 
 finetune = load_recipe("finetune")
 
+REPO = Path(__file__).resolve().parent.parent
 ALPHABET = "abcdefghijklmnopqrstuvwxyz\n: "
 LETTERS = "abcdefg"
 QUIET = ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true"]
@@ -384,6 +387,103 @@ def test_lora_runs_reproduce_exactly(lmkit_base, tmp_path):
     assert adapter_a.keys() == adapter_b.keys() and any("lora_A" in k for k in adapter_a)
     for key in adapter_a:
         torch.testing.assert_close(adapter_a[key], adapter_b[key], rtol=0, atol=0, msg=key)
+
+
+# -- streaming --------------------------------------------------------------------------------------------------
+
+
+def _first_batches(base: Path, rows: list[dict], n_batches: int, batch_size: int, width: int | None) -> list[dict]:
+    """What the map-style path feeds for ``rows`` (unshuffled): its first batches, as the recipe collates them."""
+    tok, _ = load_tokenizer(str(base))
+    ds = build_sft_dataset(rows, tok, 32)
+    collate = LabelsCollator(pad_token_id=tok.pad_token_id, width=width)
+    return [collate([ds[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n_batches)]
+
+
+def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base, tmp_path, monkeypatch):
+    import lmkit.finetune
+
+    train, held_out = reversal_task()
+    rows = reversal_rows(train[:64])
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", reversal_rows(held_out[:8]))
+    batches = []
+    collate = lmkit.finetune.LabelsCollator.__call__
+    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", lambda self, f: batches.append(collate(self, f))
+                        or batches[-1])  # fmt: skip
+    run(
+        "--model_name_or_path", lmkit_base, "--train_files", data, "--validation_files", val, "--streaming", "true",
+        "--output_dir", tmp_path / "out", "--block_size", 32, "--max_steps", 2, "--per_device_train_batch_size", 8,
+        "--logging_steps", 1, "--eval_strategy", "no", "--save_strategy", "no", "--learning_rate", 1e-3,
+    )  # fmt: skip
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    first_loss = history[0]["loss"]
+
+    (expected,) = _first_batches(lmkit_base, rows, 1, 8, width=None)  # padded to the batch's longest row
+    streamed = batches[0]  # padded to --block_size: every streamed batch has one shape
+    n = expected["input_ids"].shape[1]
+    assert streamed["input_ids"].shape == (8, 32) and n < 32
+    assert streamed["input_ids"][:, :n].tolist() == expected["input_ids"].tolist()
+    assert streamed["shift_labels"][:, :n].tolist() == expected["shift_labels"].tolist()
+    assert (streamed["shift_labels"][:, n:] == -100).all() and (streamed["attention_mask"][:, n:] == 0).all()
+    model = load_model(str(lmkit_base)).eval()
+    with torch.no_grad():
+        loss = model(**expected).loss.item()  # the base model on the map-style batch: the stream's step-1 loss
+    torch.testing.assert_close(first_loss, loss, rtol=1e-5, atol=0)
+
+
+def test_streaming_text_continues_pretraining(lmkit_base, tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"the {w} is a word" for w in reversal_task()[0][:200]))
+    metrics = run(
+        "--model_name_or_path", lmkit_base, "--train_files", tmp_path / "corpus.txt", "--streaming", "true",
+        "--output_dir", tmp_path / "out", "--block_size", 32, "--max_steps", 3, "--save_strategy", "no",
+        "--eval_strategy", "no", "--per_device_train_batch_size", 4,
+    )  # fmt: skip
+    assert math.isfinite(metrics["train_loss"]) and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_streaming_without_max_steps_is_one_line(lmkit_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(["abc", "bcd", "cde"]))
+    with pytest.raises(SystemExit):
+        run("--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", tmp_path / "out",
+            "--streaming", "true", "--block_size", 32)  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lmkit: error: --streaming needs --max_steps: a stream has no length to count epochs by"
+    )
+
+
+@pytest.mark.multiprocess
+def test_two_processes_stream_disjoint_sft_rows(lmkit_base, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): rank 0 reads the stream and each rank trains on its half of every
+    global batch, so the ranks' rows are disjoint and together are the stream's rows in order."""
+    import socket
+    import subprocess
+    import sys
+
+    rows = reversal_rows(reversal_task()[0][:64])
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    record = tmp_path / "record"
+    record.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO / "accelerate_configs" / "cpu.yaml",
+        "--num_processes", 2, "--main_process_port", port, REPO / "tests" / "_launch_finetune.py",
+        "--model_name_or_path", lmkit_base, "--train_files", data, "--validation_split", 0, "--streaming", "true",
+        "--output_dir", tmp_path / "out", "--block_size", 32, "--max_steps", 3, "--per_device_train_batch_size", 4,
+        "--save_strategy", "no", *QUIET,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", LMKIT_TEST_RECORD=str(record))
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seen = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # One step = 2 x 4 rows: the stream's rows 8k..8k+3 go to rank 0, 8k+4..8k+7 to rank 1.
+    expected = [[ids, targets] for batch in _first_batches(lmkit_base, rows, 6, 4, width=32)
+                for ids, targets in zip(batch["input_ids"].tolist(), batch["shift_labels"].tolist(), strict=True)]  # fmt: skip
+    assert seen[0] == [row for b in (0, 2, 4) for row in expected[4 * b : 4 * b + 4]]
+    assert seen[1] == [row for b in (1, 3, 5) for row in expected[4 * b : 4 * b + 4]]
+    assert not {json.dumps(r) for r in seen[0]} & {json.dumps(r) for r in seen[1]}
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

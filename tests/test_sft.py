@@ -15,7 +15,9 @@ from lmkit.sft import (
     CHAT,
     PROMPT_COMPLETION,
     TEXT,
+    SFTStream,
     build_sft_dataset,
+    build_sft_datasets,
     detect_format,
     end_of_turn_token,
     pack_examples,
@@ -219,3 +221,66 @@ def test_chat_template_file_and_missing_file(tmp_path, tok):
     assert resolve_chat_template(str(template), tok)[1] == ["<|new_marker|>"]
     with pytest.raises(LMKitError, match="--chat_template .*nope.jinja: no such file"):
         resolve_chat_template(str(tmp_path / "nope.jinja"), tok)
+
+
+# -- streaming --------------------------------------------------------------------------------------------------
+
+
+def _mixed_rows(n: int) -> list[dict]:
+    """Prompt/completion rows of varied length; every 7th is too long for block_size 16 and is dropped."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [{"prompt": letters[i % 20 : i % 20 + 2 + i % 5], "completion": letters[i % 7 : i % 7 + (12 if i % 7 == 3
+             else 1 + i % 4)]} for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("fmt", [PROMPT_COMPLETION, CHAT])
+def test_stream_yields_the_in_memory_rows(tmp_path, tok, caplog, fmt, packing):
+    rows = _mixed_rows(40)
+    if fmt == CHAT:
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+                for r in rows]  # fmt: skip
+    half = len(rows) // 2  # two files: the stream crosses a file boundary, packing too
+    files = [write_jsonl(tmp_path / "a.jsonl", rows[:half]), write_jsonl(tmp_path / "b.jsonl", rows[half:])]
+    block_size = 33 if fmt == CHAT else 16  # chat: 22 template tokens more per example
+    kwargs = {"train_on_prompt": fmt == CHAT, "packing": packing}
+    in_memory = build_sft_dataset(rows, tok, block_size, **kwargs).to_list()
+    with caplog.at_level(logging.WARNING, logger="lmkit.sft"):
+        streamed = list(SFTStream(files, fmt, tok, block_size, **kwargs))
+    assert streamed == in_memory
+    dropped = [r for r in rows if len(tokenize_example(r, tok)["input_ids"]) > block_size + 1]
+    assert dropped and f"train: dropped {len(dropped)} of 40 examples" in caplog.text
+    assert list(SFTStream(files, fmt, tok, block_size, **kwargs)) == in_memory  # a second pass (next epoch): same
+
+
+def test_stream_hold_out_and_validation_partition_the_rows(tmp_path, tok):
+    from lmkit.args import DataArguments
+
+    abc = "abcdefghijklmnopqrstuvwxyz"
+    unique = [{"prompt": abc[i % 26] + abc[i // 26], "completion": abc[i % 8] * (1 + i % 3)} for i in range(60)]
+    path = write_jsonl(tmp_path / "train.jsonl", unique)
+    data_args = DataArguments(train_files=[str(path)], validation_split=0.25, block_size=16, streaming=True)
+    splits = build_sft_datasets(data_args, tok, seed=3)
+    assert isinstance(splits["train"], SFTStream)
+    train = [tuple(r["input_ids"]) for r in splits["train"]]
+    validation = [tuple(r["input_ids"]) for r in splits["validation"]]
+    everything = [tuple(r["input_ids"]) for r in build_sft_dataset(unique, tok, 16)]
+    assert sorted(train + validation) == sorted(everything) and not set(train) & set(validation)
+    assert 0 < len(validation) < len(train)
+    again = build_sft_datasets(data_args, tok, seed=3)  # the hash, not an order, decides: the same split again
+    assert [tuple(r["input_ids"]) for r in again["validation"]] == validation
+    no_validation = build_sft_datasets(DataArguments(**{**vars(data_args), "validation_split": 0.0}), tok, seed=3)
+    assert no_validation["validation"] is None
+    assert sorted(tuple(r["input_ids"]) for r in no_validation["train"]) == sorted(everything)
+
+
+def test_a_json_array_file_cannot_stream(tmp_path, tok):
+    from lmkit.args import DataArguments
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}] * 4))
+    data_args = DataArguments(train_files=[str(path)], validation_split=0.0, block_size=16, streaming=True)
+    with pytest.raises(LMKitError, match=r"^--streaming: --train_files .*rows.json holds one JSON array, which can "
+                                         r"only be read whole; write it as JSON lines"):  # fmt: skip
+        build_sft_datasets(data_args, tok)
+    assert len(build_sft_datasets(DataArguments(**{**vars(data_args), "streaming": False}), tok)["train"]) == 4
