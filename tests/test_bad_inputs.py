@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lmkit.lock import LOCK_NAME
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000]
 
@@ -90,6 +92,8 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         pre("validation-split-range", "--validation_split", "1.5", fragment="--validation_split"),
         pre("nonfinite-zero", "--max_nonfinite_steps", "0", fragment="--max_nonfinite_steps"),
         pre("attn-unknown", "--attn_implementation", "foo", fragment="--attn_implementation must be one of auto, eager"),
+        pre("threads-zero", "--num_threads", "0", fragment="--num_threads must be a positive integer, got 0"),
+        pre("threads-not-integer", "--num_threads", "all", fragment="--num_threads"),
         # -- data files ---------------------------------------------------------------------------------------
         pre("data-missing", fragment="nope.txt", data=str(tmp / "nope.txt")),
         pre("data-extension", fragment="unsupported file type", data=f("table.csv", "a,b\n1,2\n")),
@@ -108,6 +112,7 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         Row("output-is-file", "pretrain", [*FAST, "--train_files", str(corpus), "--output_dir", f("afile", "x")],
             "exists and is not a directory"),
         pre("output-finished", fragment="already holds a finished model", keep=["config.json", "model.safetensors"]),
+        pre("output-locked", fragment="is in use by another run (pid", keep=[LOCK_NAME]),  # the driver holds it
         # -- resuming from checkpoints ------------------------------------------------------------------------
         pre("resume-missing", "--resume_from_checkpoint", str(tmp / "no-ckpt"), fragment="no such checkpoint"),
         pre("resume-incomplete", "--resume_from_checkpoint", ckpt("incomplete"), fragment="incomplete checkpoint"),
@@ -204,6 +209,10 @@ def _driver(tmp: str, rows_json: str) -> None:
     config = json.loads((ckpts / "gpt2" / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (ckpts / "gpt2" / "config.json").write_text(json.dumps(config))
+
+    from lmkit.lock import OutputDirLock
+
+    OutputDirLock(tmp_path / "out-output-locked").acquire()  # another run, alive for as long as the rows run
 
     results = {}
     for row in json.loads(rows_json):
