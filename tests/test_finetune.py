@@ -432,6 +432,33 @@ def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base,
     torch.testing.assert_close(first_loss, loss, rtol=1e-5, atol=0)
 
 
+def test_streaming_packed_chat_on_llama_adds_markers(tmp_path, monkeypatch):
+    import lmkit.finetune
+
+    base_dir = save_hf_model(tmp_path / "llama", "llama")  # 32-token vocab: the ChatML markers are new tokens
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(reversal_task()[0][:48]))
+    batches = []
+    collate = lmkit.finetune.LabelsCollator.__call__
+    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", lambda self, f: batches.append(collate(self, f))
+                        or batches[-1])  # fmt: skip
+    metrics = run(
+        "--model_name_or_path", base_dir, "--train_files", data, "--output_dir", tmp_path / "out", "--streaming",
+        "true", "--packing", "true", "--block_size", 64, "--max_steps", 2, "--per_device_train_batch_size", 2,
+        "--save_strategy", "no", "--eval_strategy", "no",
+    )  # fmt: skip
+    assert math.isfinite(metrics["train_loss"])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start == 32
+    first = batches[0]
+    assert first["input_ids"].shape == (2, 64) and "attention_mask" not in first  # packed rows: one length
+    # One 36-token conversation per row of 64 + 1 (two do not fit), rendered with the new markers, then padding.
+    for row, word in zip(first["input_ids"].tolist(), reversal_task()[0][:2], strict=True):
+        chat = f"<|im_start|>user\nreverse {word}<|im_end|>\n<|im_start|>assistant\n{word[::-1]}<|im_end|>\n"
+        assert tok.decode(row[:36]) == chat + "<|endoftext|>"
+        assert row[36:] == [tok.pad_token_id] * 28
+
+
 def test_streaming_text_continues_pretraining(lmkit_base, tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"the {w} is a word" for w in reversal_task()[0][:200]))
     metrics = run(
