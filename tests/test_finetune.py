@@ -392,6 +392,22 @@ def test_lora_runs_reproduce_exactly(lmkit_base, tmp_path):
 # -- streaming --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def collated(monkeypatch) -> list[dict]:
+    """Every batch the recipe's LabelsCollator builds during the test, in order."""
+    import lmkit.finetune
+
+    batches: list[dict] = []
+    collate = lmkit.finetune.LabelsCollator.__call__
+
+    def recording(self, features):
+        batches.append(collate(self, features))
+        return batches[-1]
+
+    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", recording)
+    return batches
+
+
 def _first_batches(base: Path, rows: list[dict], n_batches: int, batch_size: int, width: int | None) -> list[dict]:
     """What the map-style path feeds for ``rows`` (unshuffled): its first batches, as the recipe collates them."""
     tok, _ = load_tokenizer(str(base))
@@ -400,17 +416,11 @@ def _first_batches(base: Path, rows: list[dict], n_batches: int, batch_size: int
     return [collate([ds[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n_batches)]
 
 
-def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base, tmp_path, monkeypatch):
-    import lmkit.finetune
-
+def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base, tmp_path, collated):
     train, held_out = reversal_task()
     rows = reversal_rows(train[:64])
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     val = write_jsonl(tmp_path / "val.jsonl", reversal_rows(held_out[:8]))
-    batches = []
-    collate = lmkit.finetune.LabelsCollator.__call__
-    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", lambda self, f: batches.append(collate(self, f))
-                        or batches[-1])  # fmt: skip
     run(
         "--model_name_or_path", lmkit_base, "--train_files", data, "--validation_files", val, "--streaming", "true",
         "--output_dir", tmp_path / "out", "--block_size", 32, "--max_steps", 2, "--per_device_train_batch_size", 8,
@@ -420,7 +430,7 @@ def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base,
     first_loss = history[0]["loss"]
 
     (expected,) = _first_batches(lmkit_base, rows, 1, 8, width=None)  # padded to the batch's longest row
-    streamed = batches[0]  # padded to --block_size: every streamed batch has one shape
+    streamed = collated[0]  # padded to --block_size: every streamed batch has one shape
     n = expected["input_ids"].shape[1]
     assert streamed["input_ids"].shape == (8, 32) and n < 32
     assert streamed["input_ids"][:, :n].tolist() == expected["input_ids"].tolist()
@@ -432,15 +442,9 @@ def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base,
     torch.testing.assert_close(first_loss, loss, rtol=1e-5, atol=0)
 
 
-def test_streaming_packed_chat_on_llama_adds_markers(tmp_path, monkeypatch):
-    import lmkit.finetune
-
+def test_streaming_packed_chat_on_llama_adds_markers(tmp_path, collated):
     base_dir = save_hf_model(tmp_path / "llama", "llama")  # 32-token vocab: the ChatML markers are new tokens
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(reversal_task()[0][:48]))
-    batches = []
-    collate = lmkit.finetune.LabelsCollator.__call__
-    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", lambda self, f: batches.append(collate(self, f))
-                        or batches[-1])  # fmt: skip
     metrics = run(
         "--model_name_or_path", base_dir, "--train_files", data, "--output_dir", tmp_path / "out", "--streaming",
         "true", "--packing", "true", "--block_size", 64, "--max_steps", 2, "--per_device_train_batch_size", 2,
@@ -450,7 +454,7 @@ def test_streaming_packed_chat_on_llama_adds_markers(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     start = tok.convert_tokens_to_ids("<|im_start|>")
     assert start == 32
-    first = batches[0]
+    first = collated[0]
     assert first["input_ids"].shape == (2, 64) and "attention_mask" not in first  # packed rows: one length
     # One 36-token conversation per row of 64 + 1 (two do not fit), rendered with the new markers, then padding.
     for row, word in zip(first["input_ids"].tolist(), reversal_task()[0][:2], strict=True):
