@@ -40,30 +40,31 @@ def instrument(record_dir: Path) -> None:
     lmkit.data._tokenize_batch = counting_tokenize
 
     trainer_cls = lmkit.trainer.LMTrainer
-    training_step, evaluate = trainer_cls.training_step, trainer_cls.evaluate
+    training_step, train = trainer_cls.training_step, trainer_cls.train
 
     def recording_step(self, model, inputs, num_items_in_batch=None):
         for row in inputs["input_ids"].tolist():
             seen.append(hashlib.sha1(json.dumps(row).encode()).hexdigest()[:16])
         return training_step(self, model, inputs, num_items_in_batch)
 
-    def probing_evaluate(self, *args, **kwargs):
+    def probing_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
         # Every rank joins the forward: ZeRO-3 and FSDP gather each layer's shards collectively.
         model = self.model_wrapped
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor(PROBE_INPUT)).logits.float()
         model.train()
-        result = {"samples": seen, **counts, "world_size": self.args.world_size}
+        record = {"samples": seen, **counts, "world_size": self.args.world_size}
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # a full replica on every rank
-            result["param_digest"] = param_digest(self.model)
+            record["param_digest"] = param_digest(self.model)
         if self.is_world_process_zero():
-            result["logits"] = logits[0].tolist()
-        out.write_text(json.dumps(result))
-        return evaluate(self, *args, **kwargs)
+            record["logits"] = logits[0].tolist()
+        out.write_text(json.dumps(record))
+        return result
 
     trainer_cls.training_step = recording_step
-    trainer_cls.evaluate = probing_evaluate
+    trainer_cls.train = probing_train
 
 
 if __name__ == "__main__":
