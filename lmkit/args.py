@@ -232,6 +232,14 @@ class LMTrainingArguments(TrainingArguments):
             "to the OS and faulting fresh pages in on the next step (lmkit.perf.keep_freed_memory)."
         },
     )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads per process (torch intra-op and OMP_NUM_THREADS). None: OMP_NUM_THREADS or accelerate's "
+            "--num_cpu_threads_per_process when the user set them, else on CPU runs the usable cores divided among "
+            "this machine's processes (accelerate launch's own default of 1 thread is not taken as a choice)."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={
@@ -253,6 +261,8 @@ class LMTrainingArguments(TrainingArguments):
             problems.append(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             problems.append(f"--peak_flops must be positive, got {self.peak_flops}")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"--num_threads must be a positive integer, got {self.num_threads}")
         if self.max_nonfinite_steps < 1:
             problems.append(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if problems:
@@ -345,8 +355,9 @@ def parse_args(
     """Parse ``--config FILE.yaml`` (or ``default_config``) and CLI overrides into the dataclasses.
 
     Unknown keys and wrong value types raise `LMKitError` naming the key. Each returned group remembers which of
-    its fields the user set (see `explicit_fields`): on the command line or in the ``--config`` file they passed,
-    not in ``default_config``, the recipe's own preset.
+    its fields the user set (see `explicit_fields`): on the command line or in a ``--config`` file of their own.
+    A preset shipped beside ``default_config`` (``recipes/configs/*.yaml``) sets defaults, not explicit values,
+    whether it is the recipe's default or passed with ``--config``: its sizes may follow a smaller model.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, user_config = default_config, "--config" in argv
@@ -377,7 +388,7 @@ def parse_args(
         raise LMKitError(f"unknown flag {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else ""))
     options = parser._option_string_actions  # every spelling: --a_b, --a-b, --no_a
     explicit = {options[flag].dest for flag in (a.split("=", 1)[0] for a in argv) if flag in options}
-    if user_config:
+    if user_config and not _is_preset(config_path, default_config):
         explicit |= set(config)
     for group in groups:
         names = {f.name for f in fields(group)}
@@ -390,6 +401,12 @@ def parse_args(
 # ---------------------------------------------------------------------------------------------------------------
 
 _EXPLICIT = "_lmkit_explicit_fields"
+
+
+def _is_preset(config_path: str | Path, default_config: str | Path | None) -> bool:
+    if default_config is None:
+        return False
+    return Path(config_path).resolve().parent == Path(default_config).resolve().parent
 
 
 def explicit_fields(group: Any) -> frozenset[str]:

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ logger = logging.getLogger(__name__)
 FINISHED_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
 
 
-def prepare_run(args: TrainingArguments, *groups: Any) -> str | None:
-    """The start of every training recipe, after it has checked its own inputs: check the launch and the output dir,
-    take the output dir's lock, set the CPU threads, start logging, log the start-up report. Returns the checkpoint
-    to resume from (None: a fresh start). Every input check comes before the report, so an error is the last line."""
+def prepare_run(args: TrainingArguments, *groups: Any, checks: Callable[[], None] | None = None) -> str | None:
+    """The start of every training recipe: start logging, check the launch and the output dir, run the recipe's own
+    ``checks`` (which may log how a default was fitted), take the output dir's lock, set the CPU threads, log the
+    start-up report. Returns the checkpoint to resume from (None: a fresh start). Every input check comes before
+    the report, so an error is the last thing printed."""
+    setup_logging(args)
     if launcher.came_up_alone():
         raise LMKitError(
             "this process came up alone in a world of size 1, though its launcher set up a multi-process run "
@@ -38,9 +41,10 @@ def prepare_run(args: TrainingArguments, *groups: Any) -> str | None:
     validate_distributed(args)  # DeepSpeed / multi-node settings, before anything is built
     check_output_dir(args)
     resume_from = resolve_resume_checkpoint(args)
+    if checks is not None:
+        checks()
     threads = configure_threads(args)
     lock_output_dir(args)
-    setup_logging(args)
     log_startup(args, *groups, threads=threads)
     return resume_from
 

@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     spec = resolve_starting_point(model_args.model_name_or_path)
     model_config = load_config(spec, model_args.trust_remote_code)
-    resume_from = prepare_run(args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args)
+
+    def checks() -> None:  # before the start-up report: it shows the fitted values, and an error is the last line
+        check_streaming(data_args, args)
+        max_positions = getattr(model_config, "max_position_embeddings", None)
+        fit_block_size(data_args, max_positions, "the model's max_position_embeddings")
+
+    model_report = LoadedModel.describe(model_args, spec, model_config)
+    resume_from = prepare_run(args, model_report, data_args, ft_args, checks=checks)
 
     # -- tokenizer and data -----------------------------------------------------------------------------------
-    check_streaming(data_args, args)
-    max_positions = getattr(model_config, "max_position_embeddings", None)
-    fit_block_size(data_args, max_positions, "the model's max_position_embeddings")
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
     tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
     fmt = sft_format(data_args)

@@ -23,6 +23,7 @@ from lmkit.args import (
     DataArguments,
     LMTrainingArguments,
     ModelArguments,
+    check_streaming,
     fit_block_size,
     parse_args,
 )
@@ -46,8 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args: DataArguments
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
-    fit_block_size(data_args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
-    resume_from = prepare_run(args, model_args, data_args)
+
+    def checks() -> None:  # before the start-up report: it shows the fitted values, and an error is the last line
+        check_streaming(data_args, args)
+        fit_block_size(data_args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
+
+    resume_from = prepare_run(args, model_args, data_args, checks=checks)
 
     # -- data and tokenizer -----------------------------------------------------------------------------------
     with args.main_process_first(desc="load corpus"):

@@ -144,7 +144,8 @@ def test_explicit_fields_are_the_users_flags_and_config_not_the_recipe_preset(tm
     assert explicit_fields(data_args) == frozenset()
     assert explicit_fields(args) == {"output_dir", "max_steps", "cpu_allocator_reuse", "seed"}
 
-    mine = tmp_path / "mine.yaml"
+    mine = tmp_path / "user" / "mine.yaml"
+    mine.parent.mkdir()
     mine.write_text("block_size: 64\nvalidation_split: 0.1\n")
     model_args, data_args, args = parse_args(
         argv=["--config", str(mine), "--hidden_size", "64"], default_config=preset
@@ -153,6 +154,11 @@ def test_explicit_fields_are_the_users_flags_and_config_not_the_recipe_preset(tm
     assert explicit_fields(model_args) == {"hidden_size"}
     assert explicit_fields(args) == frozenset()
     assert data_args.block_size == 64 and args.learning_rate == 3e-4  # the preset is not read at all then
+
+    other_preset = tmp_path / "lora.yaml"  # a shipped preset passed with --config sets defaults too
+    other_preset.write_text("block_size: 1024\n")
+    _, data_args, _ = parse_args(argv=["--config", str(other_preset), "--seed", "1"], default_config=preset)
+    assert data_args.block_size == 1024 and explicit_fields(data_args) == frozenset()
 
 
 def test_fit_block_size_default_follows_explicit_errors(tmp_path, caplog):
