@@ -496,6 +496,11 @@ def preference_loss(
             }
         rewards = (beta * avg_chosen.detach(), beta * avg_rejected.detach())
         shown = (avg_chosen, avg_rejected)
+    loss = losses.mean()
+    if args.sft_weight:
+        nll = -chosen.sum() / n_chosen.sum()  # TRL's "sft" term: mean over the batch's chosen answer tokens
+        loss = loss + args.sft_weight * nll
+        extra["nll_loss"] = nll.detach().expand_as(losses)
     metrics = {
         "rewards/chosen": rewards[0],
         "rewards/rejected": rewards[1],
@@ -505,7 +510,7 @@ def preference_loss(
         "logps/rejected": shown[1].detach(),
         **extra,
     }
-    return losses.mean(), metrics
+    return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------

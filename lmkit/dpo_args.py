@@ -53,6 +53,15 @@ class PreferenceArguments:
         },
     )
 
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Add this weight x the mean NLL of the chosen answers' tokens (TRL's loss_type [..., 'sft'], "
+            "RPO). DPO alone lowers chosen and rejected likelihoods together and the mass drains to tokens the "
+            "data never shows; this anchors the chosen answers. Not with orpo, which has its own NLL term."
+        },
+    )
+
     def __post_init__(self) -> None:
         problems = []
         if self.loss_type not in LOSS_TYPES:
@@ -63,6 +72,10 @@ class PreferenceArguments:
             problems.append(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
             problems.append(f"--label_smoothing applies to sigmoid and simpo, not --loss_type {self.loss_type}")
+        if self.sft_weight < 0:
+            problems.append(f"--sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight and self.loss_type == "orpo":
+            problems.append("--sft_weight: --loss_type orpo already adds the chosen answers' NLL (weight 1)")
         if self.max_length < 2:
             problems.append(f"--max_length must be at least 2, got {self.max_length}")
         if self.ref_model_name_or_path and self.loss_type in REFERENCE_FREE:

@@ -60,10 +60,10 @@ def char_tokenizer(alphabet: str = ALPHABET):
     return build_tokenizer("char", [alphabet])  # 32 tokens: 29 characters, eos, pad, unk
 
 
-def tiny_model(tok, hidden: int = 32, init: float = 0.2, seed: int = 0) -> LMForCausalLM:
+def tiny_model(tok, hidden: int = 32, init: float = 0.2, seed: int = 0, kv_heads: int | None = 2) -> LMForCausalLM:
     torch.manual_seed(seed)
     config = LMConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                       initializer_range=init, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)  # fmt: skip
     return LMForCausalLM(config)
@@ -118,12 +118,17 @@ def assert_same(loss, trl_loss, model, trl_model, metrics, trl_metrics, names):
     trl_grads = grads(trl_model)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, trl_grads[name], rtol=0, atol=1e-5, msg=f"gradient of {name}")
+    worst = max((grad - trl_grads[name]).abs().max().item() for name, grad in grads(model).items())
+    print(
+        f"loss {loss.item():.8f} vs TRL {trl_loss.item():.8f} (|diff| {abs(loss - trl_loss).item():.1e}); "
+        f"largest gradient difference {worst:.1e}"
+    )
     for name in names:
         assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], abs=1e-5), name
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_loss_and_gradients_match_trl_dpo_trainer(models, loss_type, tmp_path):
+@pytest.mark.parametrize(("loss_type", "sft_weight"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
+def test_dpo_loss_and_gradients_match_trl_dpo_trainer(models, loss_type, sft_weight, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     tok, policy, ref = copy.deepcopy(models)
@@ -137,8 +142,11 @@ def test_dpo_loss_and_gradients_match_trl_dpo_trainer(models, loss_type, tmp_pat
         return {"prompt_ids": ids[:n], "chosen_ids": ids[n:], "rejected_ids": f["rejected_input_ids"][n:]}
 
     trl_policy = copy.deepcopy(policy)
-    config = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, loss_type=[loss_type], beta=0.3,
-                       precompute_ref_log_probs=False, bf16=False)  # fmt: skip
+    # --sft_weight w is TRL's loss_type [..., "sft"] with loss_weights [1, w]
+    losses = [loss_type, "sft"] if sft_weight else [loss_type]
+    config = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, loss_type=losses, beta=0.3,
+                       loss_weights=[1.0, sft_weight] if sft_weight else None, precompute_ref_log_probs=False,
+                       bf16=False)  # fmt: skip
     trainer = DPOTrainer(
         model=trl_policy, ref_model=copy.deepcopy(ref), args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tok,
@@ -148,11 +156,11 @@ def test_dpo_loss_and_gradients_match_trl_dpo_trainer(models, loss_type, tmp_pat
     trl_loss.backward()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    loss, metrics = lmkit_loss(policy, features, PreferenceArguments(loss_type=loss_type, beta=0.3), ref)
+    args = PreferenceArguments(loss_type=loss_type, beta=0.3, sft_weight=sft_weight)
+    loss, metrics = lmkit_loss(policy, features, args, ref)
     names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected"]  # fmt: skip
     assert_same(loss, trl_loss, policy, trl_policy, metrics, trl_metrics, names)
-    print(f"{loss_type}: lmkit {loss.item():.8f} TRL {trl_loss.item():.8f}")
 
 
 def cpo_style_batch(features, pad_token_id):
@@ -467,36 +475,101 @@ def greedy_behaviour(model_dir: Path, words: list[str]) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.slow
-def test_dpo_on_an_sft_model_prefers_the_chosen_behaviour_on_held_out_prompts(tmp_path):
-    """SFT a tiny model on both answers to "reverse: w" (the reversal and a copy), then DPO it with the reversal
-    chosen: held-out reward accuracy and greedy answers must move to the reversal."""
+def unseen_token_mass(model_dir: Path, words: list[str]) -> float:
+    """Mean probability the model gives tokens that occur nowhere in the data (the 33 of 64 vocabulary rows
+    that are not in "reverse: abcdefg\n" + EOS), at the 4 answer positions of held-out "reverse: w" -> reversal."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    unseen = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    unseen[tok("reverse: abcdefg\n")["input_ids"] + [tok.eos_token_id]] = False
+    masses = []
+    for w in words:
+        ids = tok(f"reverse: {w}\n{w[::-1]}{tok.eos_token}", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            probs = model(ids).logits[0, -5:-1].softmax(-1)  # predicting the 3 letters and EOS
+        masses.append(probs[:, unseen].sum(-1).mean().item())
+    return sum(masses) / len(masses)
+
+
+@pytest.fixture(scope="module")
+def reversal_sft(tmp_path_factory):
+    """A tiny model SFT'd on both answers to "reverse: w" (the reversal and a copy); train and held-out words."""
+    tmp_path = tmp_path_factory.mktemp("dpo-sft")
     tok = char_tokenizer()
-    tiny_model(tok, hidden=64, init=0.02).save_pretrained(tmp_path / "base")
+    tiny_model(tok, hidden=64, init=0.02, kv_heads=None).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     words = ["".join(p) for p in itertools.product("abcdefg", repeat=3)]
     random.Random(0).shuffle(words)
     train, held_out = words[40:], words[:40]
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"reverse: {w}\n", "completion": c}
                                                for w in train for c in (w[::-1], w)])  # fmt: skip
-    pairs = lambda ws: [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w} for w in ws]  # noqa: E731
     load_recipe("finetune").main(list(map(str, [
         "--model_name_or_path", tmp_path / "base", "--train_files", sft, "--output_dir", tmp_path / "sft",
         "--block_size", 32, "--max_steps", 150, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
         "--eval_strategy", "no", "--save_strategy", "no", *QUIET,
     ])))  # fmt: skip
-    before = greedy_behaviour(tmp_path / "sft", held_out)
-    metrics = run(
-        "--model_name_or_path", tmp_path / "sft", "--train_files", write_jsonl(tmp_path / "p.jsonl", pairs(train)),
-        "--validation_files", write_jsonl(tmp_path / "h.jsonl", pairs(held_out)), "--output_dir", tmp_path / "dpo",
-        "--cache_dir", tmp_path / "cache", "--max_length", 32, "--max_steps", 60, "--learning_rate", 1e-3,
-        "--per_device_train_batch_size", 16, "--eval_strategy", "steps", "--eval_steps", 1000,
-        "--save_strategy", "no", "--logging_steps", 10,
+    pairs = [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w} for w in train]
+    held = [{"prompt": f"reverse: {w}\n", "chosen": w[::-1], "rejected": w} for w in held_out]
+    files = write_jsonl(tmp_path / "pairs.jsonl", pairs), write_jsonl(tmp_path / "held.jsonl", held)
+    return tmp_path / "sft", files, held_out
+
+
+def dpo_on(reversal_sft, out: Path, *argv) -> dict:
+    sft, (pairs, held), _ = reversal_sft
+    return run(
+        "--model_name_or_path", sft, "--train_files", pairs, "--validation_files", held, "--output_dir", out,
+        "--cache_dir", out.parent / "cache", "--max_length", 32, "--per_device_train_batch_size", 16,
+        "--eval_steps", 10000, "--save_strategy", "no", "--logging_steps", 10, *argv,
     )  # fmt: skip
-    state = json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_dpo_on_an_sft_model_prefers_the_chosen_behaviour_on_held_out_prompts(reversal_sft, tmp_path):
+    """DPO with the reversal chosen over the copy: held-out reward accuracy and greedy answers move to it."""
+    sft, _, held_out = reversal_sft
+    before = greedy_behaviour(sft, held_out)
+    metrics = dpo_on(reversal_sft, tmp_path / "dpo", "--max_steps", 60, "--learning_rate", 1e-3, "--sft_weight", 0)
     after = greedy_behaviour(tmp_path / "dpo", held_out)
     print(f"held-out greedy answers (of {len(held_out)}): SFT {before}, after DPO {after}; eval reward accuracy "
           f"{metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:.3f}")  # fmt: skip
-    assert state["log_history"][0]["rewards/accuracies"] == 0.0  # the first step: policy == reference, all ties
     assert metrics["eval_rewards/accuracies"] >= 0.9
     assert after["reverse"] >= before["reverse"] + 8 and after["copy"] <= before["copy"] // 2
+
+
+@pytest.mark.slow
+def test_sft_weight_keeps_probability_off_never_seen_tokens(reversal_sft, tmp_path):
+    """Long DPO drains probability from both answers into tokens the data never shows (they move with the hidden
+    states: their rows get only Adam-normalised crumbs of gradient); the chosen answers' NLL (--sft_weight) stops
+    that, and greedy answers stay well-formed."""
+    sft, _, held_out = reversal_sft
+    long = ["--max_steps", 200, "--learning_rate", 1e-3]
+    dpo_on(reversal_sft, tmp_path / "plain", *long, "--sft_weight", 0)
+    dpo_on(reversal_sft, tmp_path / "anchored", *long, "--sft_weight", 1.0)
+    mass = {name: unseen_token_mass(tmp_path / name, held_out) for name in ("plain", "anchored")}
+    mass["sft"] = unseen_token_mass(sft, held_out)
+    greedy = {name: greedy_behaviour(tmp_path / name, held_out) for name in ("plain", "anchored")}
+    print(f"never-seen-token probability at answer positions: {mass}; held-out greedy answers: {greedy}")
+    assert mass["plain"] > 5 * mass["sft"]  # the failure --sft_weight exists for
+    assert mass["anchored"] <= mass["sft"]
+    assert greedy["anchored"]["reverse"] >= 36
+
+
+def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
+    import shutil
+
+    data = prefs_file(tmp_path)
+    common = ["--model_name_or_path", base, "--train_files", data, "--cache_dir", tmp_path / "cache", *SHORT,
+              "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2, "--eval_strategy", "no"]  # fmt: skip
+    run(*common, "--output_dir", tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"  # what a run killed after step 2 leaves: its checkpoint-2
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", interrupted / "checkpoint-2")
+    run(*common, "--output_dir", interrupted, "--resume_from_checkpoint", "auto")
+    straight = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())["log_history"]
+    resumed = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
+    loss = {e["step"]: e["loss"] for e in straight if "loss" in e}
+    assert {e["step"]: e["loss"] for e in resumed if "loss" in e and e["step"] > 2} == {3: loss[3], 4: loss[4]}
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(interrupted).state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=name)
