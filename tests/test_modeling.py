@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import repeat_kv as llama_repeat_kv
 from transformers.utils.generic import find_labels
 
 import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
-from lmkit.modeling import LMConfig, LMForCausalLM
+from lmkit.modeling import LMConfig, LMForCausalLM, LMModel
 from lmkit.modeling.modeling_lmkit import repeat_kv
 
 VOCAB = 97
@@ -125,6 +125,18 @@ def test_config_save_load_round_trip(tmp_path):
     loaded = LMConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 123.0}
+
+
+def test_loss_chunk_size_is_a_runtime_setting_not_saved(tmp_path):
+    # How one run trades memory for recompute is not part of the model: like attn_implementation it stays out of
+    # config.json, so a fine-tune or a published model does not inherit it; from_pretrained sets it per load.
+    model = tiny_model(loss_chunk_size=7)
+    model.save_pretrained(tmp_path)
+    assert "loss_chunk_size" not in json.loads((tmp_path / "config.json").read_text())
+    assert "loss_chunk_size" not in model.config.to_dict()
+    assert model.config.loss_chunk_size == 7  # saving leaves the running model's setting alone
+    assert LMForCausalLM.from_pretrained(tmp_path).config.loss_chunk_size is None
+    assert LMForCausalLM.from_pretrained(tmp_path, loss_chunk_size=5).config.loss_chunk_tokens == 5
 
 
 @pytest.mark.parametrize(
@@ -399,6 +411,18 @@ def test_save_pretrained_round_trip(tmp_path, tie_word_embeddings):
         )
 
 
+def test_auto_model_loads_the_decoder_of_a_causal_lm_folder(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    decoder = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(decoder) is LMModel
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        hidden = decoder(input_ids, attention_mask=attention_mask).last_hidden_state
+        expected = model.model(input_ids, attention_mask=attention_mask).last_hidden_state
+    assert torch.equal(hidden, expected)
+
+
 def test_generate_with_cache_equals_without_and_matches_llama():
     model = tiny_model().eval()
     llama = llama_twin(model)
@@ -452,6 +476,7 @@ def test_save_pretrained_ships_the_model_files_with_auto_map(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_lmkit.LMConfig",
+        "AutoModel": "modeling_lmkit.LMModel",  # the decoder alone, which transformers would not name by itself
         "AutoModelForCausalLM": "modeling_lmkit.LMForCausalLM",
     }
     for name in ("configuration_lmkit.py", "modeling_lmkit.py"):
@@ -464,7 +489,7 @@ def test_importing_lmkit_only_registers_the_model():
     script = """
 import logging, os, sys, warnings
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, GenerationMixin  # their import effects
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, GenerationMixin  # import effects
 before = (dict(os.environ), torch.get_num_threads(), list(logging.getLogger().handlers), list(warnings.filters))
 modules = set(sys.modules)
 import lmkit
@@ -473,7 +498,10 @@ assert loaded == ["lmkit", "lmkit.modeling", "lmkit.modeling.configuration_lmkit
 after = (dict(os.environ), torch.get_num_threads(), list(logging.getLogger().handlers), list(warnings.filters))
 assert after == before
 assert AutoConfig.for_model("lmkit").__class__ is lmkit.LMConfig
-assert (lmkit.LMConfig._auto_class, lmkit.LMForCausalLM._auto_class) == ("AutoConfig", "AutoModelForCausalLM")
+assert AutoModel._model_mapping[lmkit.LMConfig] is lmkit.modeling.LMModel
+assert AutoModelForCausalLM._model_mapping[lmkit.LMConfig] is lmkit.LMForCausalLM
+auto_classes = (lmkit.LMConfig._auto_class, lmkit.modeling.LMModel._auto_class, lmkit.LMForCausalLM._auto_class)
+assert auto_classes == ("AutoConfig", "AutoModel", "AutoModelForCausalLM"), auto_classes
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -54,6 +54,7 @@ def test_lmkit_folder_contents(published):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_lmkit.LMConfig",
+        "AutoModel": "modeling_lmkit.LMModel",
         "AutoModelForCausalLM": "modeling_lmkit.LMForCausalLM",
     }
     assert config["model_type"] == "lmkit" and config["use_cache"] is True

@@ -19,7 +19,11 @@ from transformers import AutoModelForCausalLM
 import lmkit
 
 IDS = torch.tensor([[3, 17, 9, 22, 5, 40, 11, 2]])
-AUTO_MAP = {"AutoConfig": "configuration_lmkit.LMConfig", "AutoModelForCausalLM": "modeling_lmkit.LMForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_lmkit.LMConfig",
+    "AutoModel": "modeling_lmkit.LMModel",
+    "AutoModelForCausalLM": "modeling_lmkit.LMForCausalLM",
+}
 MODEL_FILES = ("configuration_lmkit.py", "modeling_lmkit.py")
 QUIET = ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true"]
 

@@ -4,6 +4,7 @@ Self-contained (imports only transformers) so it can ship beside published weigh
 """
 
 import math
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -55,12 +56,15 @@ class LMConfig(PretrainedConfig):
         attention_dropout (`float`, defaults to 0.0):
             Dropout probability on the attention weights, active in training mode only.
         loss_chunk_size (`int`, *optional*):
-            When > 0 and the model computes a loss in training mode, the LM head and the fp32 cross-entropy run
-            fused over chunks of this many tokens, so the full (tokens, vocab) fp32 logits and their gradient never
-            exist at once; the forward then returns `logits=None`. 0 computes full logits and a plain loss.
-            None (the default) sizes the chunk from the vocabulary: as many tokens as fit `LOSS_CHUNK_ELEMENTS`
-            (2**25) logits, 128 MiB in fp32 (1,048 tokens at vocab 32,000; 8,192 at 4,096), at least 256. A batch
-            that fits in one chunk then skips the recomputation that chunking costs.
+            A runtime setting, not part of the model: like `attn_implementation` it lives on the config object
+            (set it here, as `config.loss_chunk_size = n`, or `from_pretrained(path, loss_chunk_size=n)`) and is
+            not written to config.json, so a published or fine-tuned model does not inherit how one run traded
+            memory for compute. When > 0 and the model computes a loss in training mode, the LM head and the fp32
+            cross-entropy run fused over chunks of this many tokens, so the full (tokens, vocab) fp32 logits and
+            their gradient never exist at once; the forward then returns `logits=None`. 0 computes full logits and
+            a plain loss. None (the default) sizes the chunk from the vocabulary: as many tokens as fit
+            `LOSS_CHUNK_ELEMENTS` (2**25) logits, 128 MiB in fp32 (1,048 tokens at vocab 32,000; 8,192 at 4,096),
+            at least 256. A batch that fits in one chunk then skips the recomputation that chunking costs.
         use_cache (`bool`, defaults to `True`):
             Return the key/value cache from forward (used by `generate`).
         bos_token_id (`int`, *optional*):
@@ -82,6 +86,24 @@ class LMConfig(PretrainedConfig):
     """
 
     model_type = "lmkit"
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`), as LlamaConfig's: q/k/v and gate/up split their
+    # output features (whole heads) across ranks, o_proj and down_proj split their input features and all-reduce
+    # the output. transformers adds `embed_tokens` (vocabulary rows) itself; the head's plan is on LMForCausalLM.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    # Pipeline parallelism: each stage's (inputs, outputs), as LlamaConfig's.
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     attribute_map = {
         "d_model": "hidden_size",
         "n_heads": "num_attention_heads",
@@ -144,6 +166,11 @@ class LMConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self._check_fields()
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()  # to_diff_dict, to_json_string and save_pretrained all go through here
+        output.pop("loss_chunk_size", None)  # a runtime setting (see the docstring), kept out of config.json
+        return output
 
     @property
     def head_dim(self) -> int:

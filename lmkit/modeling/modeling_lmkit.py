@@ -6,12 +6,13 @@ transformers' ``LlamaForCausalLM`` keys one for one and no layer has a bias, so 
 peft ``target_modules`` such as ``["q_proj", "v_proj"]`` work.
 
 The one departure from Llama is the loss: it is computed in fp32 and, in training, fused with the LM head over
-chunks of tokens (see ``LMForCausalLM.forward``).
+chunks of tokens (see ``causal_lm_loss``). The tensor- and pipeline-parallel plans are Llama's too.
 
 Self-contained (imports only torch and transformers) so it can ship beside published weights as remote code.
 """
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -244,6 +245,19 @@ class LMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": LMDecoderLayer, "attentions": LMAttention}
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' save; a remote-code model with a head also names its backbone under `AutoModel` in auto_map.
+
+        transformers writes only the saved class into auto_map; adding the backbone (as Hub remote-code models do)
+        lets `AutoModel.from_pretrained(folder, trust_remote_code=True)` load the decoder of a causal-LM folder.
+        """
+        if self.is_remote_code() and self.base_model is not self:
+            base = type(self.base_model)
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = f"{base.__module__.rsplit('.', 1)[-1]}.{base.__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         # transformers' defaults: N(0, initializer_range) for linears and embeddings, ones for norms, RoPE buffers.
         # The projections that add into the residual stream (o_proj, down_proj) then get GPT-2's scaled init, std /
@@ -318,10 +332,74 @@ class LMModel(LMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
+def fp32_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (n, vocab) against targets (n,), summed over non-ignored targets, in fp32."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def head_cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32_cross_entropy_sum of lm_head(hidden); the head is called as a module, so its hooks (peft, FSDP,
+    DeepSpeed ZeRO-3, tensor parallelism) run as usual."""
+    return fp32_cross_entropy_sum(lm_head(hidden), targets)  # lm_head: (n, hidden) -> (n, vocab)
+
+
+def causal_lm_loss(
+    lm_head: nn.Module,
+    hidden_states: torch.Tensor,
+    shift_labels: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    chunk_size: int = 0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of lm_head(hidden_states) (B, T, hidden) against shift_labels (B, T), in fp32.
+
+    The mean over non-ignored targets, or their sum divided by `num_items_in_batch` when given (gradient
+    accumulation). With `logits` (B, T, vocab) the head is not run again and the fp32 upcast goes `chunk_size`
+    tokens at a time. Without them the head and the cross-entropy run fused over chunks of `chunk_size` tokens, each
+    under non-reentrant activation checkpointing: its forward keeps only the chunk's inputs (views into
+    `hidden_states`) and the backward recomputes its logits, so at most one chunk's logits, fp32 logits and logit
+    gradient are alive at once, and the (tokens, vocab) logits never exist. The price is one extra LM-head matmul
+    in the backward, paid only when there is more than one chunk.
+    """
+    targets = shift_labels.to(hidden_states.device).reshape(-1)  # (B*T,)
+    if logits is not None:
+        if logits.shape[:2] != shift_labels.shape:
+            raise ValueError(
+                f"Logits of shape {tuple(logits.shape[:2])} do not match targets of shape "
+                f"{tuple(shift_labels.shape)}: pass logits_to_keep=0 when computing a loss."
+            )
+        flat = logits.reshape(-1, logits.shape[-1])  # (B*T, vocab)
+        chunk = chunk_size or flat.shape[0]
+        loss_sum = flat.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat.shape[0], chunk):
+            loss_sum = loss_sum + fp32_cross_entropy_sum(flat[start : start + chunk], targets[start : start + chunk])
+    else:
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, hidden)
+        if hidden.shape[0] <= chunk_size:  # one chunk: its logits are the only ones alive anyway, skip the recompute
+            loss_sum = head_cross_entropy_sum(lm_head, hidden, targets)
+        else:
+            loss_sum = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk_size):
+                chunk_hidden, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+                loss_sum = loss_sum + checkpoint(
+                    head_cross_entropy_sum, lm_head, chunk_hidden, chunk_targets, use_reentrant=False
+                )
+
+    if num_items_in_batch is None:
+        return loss_sum / (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
 class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
     """LMModel plus the LM head, the causal-LM loss and `generate`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tensor / pipeline parallelism of the head, as LlamaForCausalLM's (the decoder's plans are on LMConfig): the
+    # head splits the vocabulary across ranks and gathers full logits.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: LMConfig):
         super().__init__(config)
@@ -351,8 +429,9 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): defaults to past_length + arange(T).
                 In a packed row (several documents, no attention_mask, no cache), positions restarting at 0 mark
                 the document starts, and attention stays within each document.
-            cache (`Cache`, *optional*): key/value cache from an earlier call (the deprecated name
-                `past_key_values` is accepted, as in transformers' own models).
+            cache (`Cache`, *optional*): key/value cache from an earlier call. transformers 5 names it `cache`
+                (generate passes it so); its old name `past_key_values` is still accepted, with a FutureWarning,
+                exactly as by transformers' Llama (peft's prefix tuning still passes it).
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): the Hugging Face convention, unshifted:
                 the model shifts them, so `model(input_ids=x, labels=x)` is the usual next-token loss.
             use_cache (`bool`, *optional*): return the cache; defaults to `config.use_cache` in eval mode and to
@@ -371,9 +450,9 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
                 arguments).
 
         Targets equal to -100 are ignored. The cross-entropy is always computed in fp32. In training mode with
-        `config.loss_chunk_tokens > 0` the LM head and the cross-entropy run fused over chunks of tokens, each chunk
-        under activation checkpointing, so the full `(B*T, vocab)` logits never exist: the output then carries
-        `logits=None`. In eval mode, without targets, or with `loss_chunk_size=0`, the logits are returned.
+        `config.loss_chunk_tokens > 0` the LM head and the cross-entropy run fused over chunks of tokens (see
+        `causal_lm_loss`), so the full `(B*T, vocab)` logits never exist: the output then carries `logits=None`. In
+        eval mode, without targets, or with `loss_chunk_size=0`, the logits are returned.
         """
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -395,30 +474,14 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
         if shift_labels is None and labels is not None:
             # Position t is scored against token t + 1; the last position has no target.
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-        fused = shift_labels is not None and self.training and self.config.loss_chunk_tokens > 0
-
+        chunk_size = self.config.loss_chunk_tokens
+        fused = shift_labels is not None and self.training and chunk_size > 0
         logits = None
         if not fused:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T_keep, vocab)
-
         loss = None
         if shift_labels is not None:
-            targets = shift_labels.to(hidden_states.device).reshape(-1)  # (B*T,)
-            if fused:
-                loss_sum = self._fused_head_loss_sum(hidden_states.reshape(-1, hidden_states.shape[-1]), targets)
-            else:
-                if logits.shape[:2] != shift_labels.shape:
-                    raise ValueError(
-                        f"Logits of shape {tuple(logits.shape[:2])} do not match targets of shape "
-                        f"{tuple(shift_labels.shape)}: pass logits_to_keep=0 when computing a loss."
-                    )
-                loss_sum = self._logits_loss_sum(logits.reshape(-1, logits.shape[-1]), targets)
-            if num_items_in_batch is None:
-                loss = loss_sum / (targets != IGNORE_INDEX).sum()
-            else:
-                if torch.is_tensor(num_items_in_batch):
-                    num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-                loss = loss_sum / num_items_in_batch
+            loss = causal_lm_loss(self.lm_head, hidden_states, shift_labels, logits, chunk_size, num_items_in_batch)
 
         return CausalLMOutputWithPast(
             loss=loss,
@@ -427,41 +490,6 @@ class LMForCausalLM(LMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def _fused_head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed CE of lm_head(hidden) (N, hidden) against targets (N,), one chunk of tokens at a time.
-
-        Each chunk runs under non-reentrant activation checkpointing: its forward keeps only the chunk's inputs
-        (views into `hidden`), and the backward recomputes that chunk's logits, so at most one chunk's logits,
-        fp32 logits and logit gradient are alive at once. The price is one extra LM-head matmul in the backward,
-        paid only when there is more than one chunk.
-        The head is called as a module, so its hooks (peft, FSDP, DeepSpeed ZeRO-3) run as usual.
-        """
-        chunk = self.config.loss_chunk_tokens
-        if hidden.shape[0] <= chunk:  # one chunk: its logits are the only ones alive anyway, so skip the recompute
-            return self._head_loss_sum(hidden, targets)
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            loss_sum = loss_sum + checkpoint(
-                self._head_loss_sum, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False
-            )
-        return loss_sum
-
-    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return fp32_cross_entropy_sum(self.lm_head(hidden), targets)  # lm_head: (n, hidden) -> (n, vocab)
-
-    def _logits_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed CE of existing logits (N, vocab); the fp32 upcast goes chunk by chunk when chunking is on."""
-        chunk = self.config.loss_chunk_tokens or logits.shape[0]
-        loss_sum = logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, logits.shape[0], chunk):
-            loss_sum = loss_sum + fp32_cross_entropy_sum(logits[start : start + chunk], targets[start : start + chunk])
-        return loss_sum
-
-
-def fp32_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits (n, vocab) against targets (n,), summed over non-ignored targets, in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 __all__ = ["LMForCausalLM", "LMModel", "LMPreTrainedModel"]
