@@ -26,11 +26,17 @@ class CheckpointArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code shipped with a hub checkpoint to run. Off unless you pass it."}
     )
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads. None: OMP_NUM_THREADS when the user set it, else every usable core."},
+    )
 
     def __post_init__(self) -> None:
         problems = []
         if not self.model:
             problems.append("--model is required (a model folder or hub id)")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"--num_threads must be a positive integer, got {self.num_threads}")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if problems:

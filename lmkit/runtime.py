@@ -43,26 +43,26 @@ def prepare_run(args: TrainingArguments, *groups: Any, checks: Callable[[], None
     resume_from = resolve_resume_checkpoint(args)
     if checks is not None:
         checks()
-    threads = configure_threads(args)
+    threads = configure_threads(args.num_threads, cpu=args.use_cpu)
     lock_output_dir(args)
     log_startup(args, *groups, threads=threads)
     return resume_from
 
 
-def configure_threads(args: TrainingArguments) -> str:
+def configure_threads(requested: int | None = None, cpu: bool | None = None) -> str:
     """Set this process's CPU threads and say where the number came from.
 
-    ``--num_threads`` wins; then a count the user gave outside lmkit (``OMP_NUM_THREADS``, or accelerate's
-    ``--num_cpu_threads_per_process``); else, on CPU runs, the usable cores shared among the processes on this
-    machine. ``accelerate launch`` without a config exports ``OMP_NUM_THREADS=1`` to its child: that default is not
-    the user's choice, and on a CPU it would leave all cores but one idle.
+    ``requested`` (``--num_threads``) wins; then a count the user gave outside lmkit (``OMP_NUM_THREADS``, or
+    accelerate's ``--num_cpu_threads_per_process``); else, when the CPU does the math (``cpu``; None: when there is
+    no accelerator), the usable cores
+    shared among the processes on this machine. ``accelerate launch`` without a config exports ``OMP_NUM_THREADS=1``
+    to its child: that default is not the user's choice, and on a CPU it would leave all cores but one idle.
     """
-    requested = getattr(args, "num_threads", None)
     if requested:
         source = "--num_threads"
     elif (requested := launcher.user_set_threads()) is not None:
         source = "OMP_NUM_THREADS"
-    elif args.use_cpu:
+    elif cpu if cpu is not None else not torch.accelerator.is_available():
         cores, local = launcher.usable_cores(), launcher.local_processes()
         requested = max(1, cores // local)
         source = f"{cores} cores / {local} process{'es' if local > 1 else ''}"

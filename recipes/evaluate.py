@@ -29,7 +29,7 @@ from lmkit.errors import LMKitError, main_entry  # noqa: E402
 from lmkit.eval_args import CheckpointArguments, EvaluationArguments  # noqa: E402
 from lmkit.evaluation import evaluate_stream, token_stream  # noqa: E402
 from lmkit.hub import check_model_dir, load_checkpoint, load_config  # noqa: E402
-from lmkit.runtime import setup_tool_logging  # noqa: E402
+from lmkit.runtime import configure_threads, setup_tool_logging  # noqa: E402
 
 logger = logging.getLogger("lmkit.evaluate")
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     eval_args: EvaluationArguments
     ckpt, eval_args = parse_args((CheckpointArguments, EvaluationArguments), argv=argv)
     setup_tool_logging(logging.INFO)
+    threads = configure_threads(ckpt.num_threads)
     # Everything that can be checked without the weights is checked first, so bad input fails fast.
     model_dir = check_model_dir(ckpt.model)
     files = resolve_data_files(eval_args.files, "--files")
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args = DataArguments(text_column=eval_args.text_column, sample_by=eval_args.sample_by)
     docs = load_files(files, "--files", data_args)
     stream = token_stream(docs["text"], tokenizer)
-    logger.info("%d documents, %s tokens from %d file(s); context %d, stride %s", len(docs), f"{len(stream):,}",
-                len(files), context, eval_args.stride)  # fmt: skip
+    logger.info("%d documents, %s tokens from %d file(s); context %d, stride %s; threads %s", len(docs),
+                f"{len(stream):,}", len(files), context, eval_args.stride, threads)  # fmt: skip
 
     # -- evaluate ---------------------------------------------------------------------------------------------
     start = time.perf_counter()

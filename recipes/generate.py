@@ -20,7 +20,7 @@ from lmkit.errors import LMKitError, main_entry
 from lmkit.eval_args import CheckpointArguments, GenerationArguments
 from lmkit.generation import generate, generation_config
 from lmkit.hub import check_model_dir, load_checkpoint
-from lmkit.runtime import setup_tool_logging
+from lmkit.runtime import configure_threads, setup_tool_logging
 
 logger = logging.getLogger("lmkit.generate")
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     gen_args: GenerationArguments
     ckpt, gen_args = parse_args((CheckpointArguments, GenerationArguments), argv=argv)
     setup_tool_logging(logging.WARNING)
+    configure_threads(ckpt.num_threads)
     check_model_dir(ckpt.model)
     prompts = [gen_args.prompt] if gen_args.prompt is not None else read_prompts(gen_args.prompts_file)
 

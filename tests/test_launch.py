@@ -16,7 +16,7 @@ import torch
 from _accelerate import REPO, TINY_PRETRAIN, finish, free_port, last_line, run, start
 
 from lmkit import errors, launcher, runtime
-from lmkit.args import BUNDLED_CORPUS, LMTrainingArguments
+from lmkit.args import BUNDLED_CORPUS
 from lmkit.errors import LMKitError
 from lmkit.lock import LOCK_NAME, OutputDirLock
 
@@ -154,23 +154,19 @@ def restore_threads(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _cpu_args(**kw) -> LMTrainingArguments:
-    return LMTrainingArguments(output_dir="unused", report_to="none", use_cpu=True, bf16=False, **kw)
-
-
 def test_threads_default_to_the_usable_cores_shared_among_local_processes(restore_threads):
     cores = len(os.sched_getaffinity(0))
-    assert runtime.configure_threads(_cpu_args()) == f"{cores} ({cores} cores / 1 process)"
+    assert runtime.configure_threads() == f"{cores} ({cores} cores / 1 process)"
     assert torch.get_num_threads() == cores
     restore_threads.setenv("LOCAL_WORLD_SIZE", str(cores + 1))  # more processes than cores: one thread each
-    assert runtime.configure_threads(_cpu_args()) == f"1 ({cores} cores / {cores + 1} processes)"
+    assert runtime.configure_threads() == f"1 ({cores} cores / {cores + 1} processes)"
     assert torch.get_num_threads() == 1
 
 
 def test_threads_the_user_chose_win(restore_threads):
     restore_threads.setenv("OMP_NUM_THREADS", "1")  # exported by the user (no launcher above pytest)
-    assert runtime.configure_threads(_cpu_args()) == "1 (OMP_NUM_THREADS)"
-    assert runtime.configure_threads(_cpu_args(num_threads=3)) == "3 (--num_threads)"
+    assert runtime.configure_threads() == "1 (OMP_NUM_THREADS)"
+    assert runtime.configure_threads(3) == "3 (--num_threads)"
     assert torch.get_num_threads() == 3
 
 
