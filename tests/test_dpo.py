@@ -573,3 +573,35 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
     b = AutoModelForCausalLM.from_pretrained(interrupted).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_two_process_ddp_matches_one_process(base, tmp_path):
+    """accelerate launch, 2 CPU processes x 2 pairs = one process x 4 pairs: same losses (each rank computes the
+    reference pass only for the cache it then shares), same rewards."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    data = prefs_file(tmp_path)
+    common = ["--model_name_or_path", base, "--train_files", data, *SHORT, "--max_steps", 3,
+              "--gradient_accumulation_steps", 1, "--eval_strategy", "no"]  # 3 x 4 pairs: within one epoch  # fmt: skip
+    single = tmp_path / "single"
+    run(*common, "--output_dir", single, "--per_device_train_batch_size", 4, "--cache_dir", tmp_path / "c1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", repo / "accelerate_configs/cpu.yaml",
+           "--num_processes", 2, "--main_process_port", port, repo / "recipes/dpo.py", *common, "--output_dir",
+           tmp_path / "ddp", "--per_device_train_batch_size", 2, "--cache_dir", tmp_path / "c2", *QUIET]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run(list(map(str, cmd)), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = {name: json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+               for name in ("single", "ddp")}  # fmt: skip
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        one = [e[key] for e in history["single"] if key in e]
+        two = [e[key] for e in history["ddp"] if key in e]
+        assert len(one) == 3 and one == pytest.approx(two, abs=5e-3), key
