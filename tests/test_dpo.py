@@ -301,6 +301,23 @@ def test_conversational_rows_explicit_and_implicit_tokenize_alike():
     assert scored.startswith("good") and "yo" not in scored and scored.endswith(tok.eos_token)
 
 
+def test_parquet_and_jsonl_files_read_alike(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmkit.args import DataArguments
+    from lmkit.dpo import load_preference_rows
+
+    rows = pair_rows()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    jsonl = write_jsonl(tmp_path / "p.jsonl", rows)
+    read = [
+        load_preference_rows(DataArguments(train_files=[str(f)], validation_split=0.0), seed=0)["train"]
+        for f in (tmp_path / "p.parquet", jsonl)
+    ]
+    assert read[0] == read[1] == rows
+
+
 # -- the recipe -------------------------------------------------------------------------------------------------
 
 
