@@ -423,6 +423,37 @@ def test_auto_model_loads_the_decoder_of_a_causal_lm_folder(tmp_path):
     assert torch.equal(hidden, expected)
 
 
+def test_auto_model_loads_the_decoder_as_remote_code_without_lmkit(tmp_path):
+    # What the auto_map's AutoModel entry is for: a stock install loads the decoder of a published causal-LM folder.
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "model")
+    script = """
+import importlib.abc, sys
+import torch
+from transformers import AutoModel
+
+class NoLmkit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lmkit":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+sys.meta_path.insert(0, NoLmkit())
+folder, out = sys.argv[1:]
+decoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(decoder).__name__ == "LMModel", type(decoder)
+assert type(decoder).__module__.startswith("transformers_modules."), type(decoder).__module__
+with torch.no_grad():
+    torch.save(decoder(torch.arange(1, 9)[None]).last_hidden_state, out)
+"""
+    out = tmp_path / "hidden.pt"
+    cmd = [sys.executable, "-I", "-c", script, str(tmp_path / "model"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        expected = model.model(torch.arange(1, 9)[None]).last_hidden_state
+    assert torch.equal(torch.load(out), expected)
+
+
 def test_generate_with_cache_equals_without_and_matches_llama():
     model = tiny_model().eval()
     llama = llama_twin(model)
@@ -489,7 +520,7 @@ def test_importing_lmkit_only_registers_the_model():
     script = """
 import logging, os, sys, warnings
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, GenerationMixin  # import effects
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, GenerationMixin  # their effects
 before = (dict(os.environ), torch.get_num_threads(), list(logging.getLogger().handlers), list(warnings.filters))
 modules = set(sys.modules)
 import lmkit

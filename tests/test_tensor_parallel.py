@@ -144,7 +144,8 @@ def test_two_rank_cpu_tensor_parallel_equals_one_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_port", str(_free_port()), str(worker), json.dumps([folders, IDS, CHUNK, NEW_TOKENS, str(out)])]  # fmt: skip
+           "--master_port", str(_free_port()), str(worker),
+           json.dumps([folders, IDS, CHUNK, NEW_TOKENS, str(out)])]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -11,6 +11,7 @@ chunks of tokens (see ``causal_lm_loss``). The tensor- and pipeline-parallel pla
 Self-contained (imports only torch and transformers) so it can ship beside published weights as remote code.
 """
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -355,35 +356,30 @@ def causal_lm_loss(
 
     The mean over non-ignored targets, or their sum divided by `num_items_in_batch` when given (gradient
     accumulation). With `logits` (B, T, vocab) the head is not run again and the fp32 upcast goes `chunk_size`
-    tokens at a time. Without them the head and the cross-entropy run fused over chunks of `chunk_size` tokens, each
-    under non-reentrant activation checkpointing: its forward keeps only the chunk's inputs (views into
-    `hidden_states`) and the backward recomputes its logits, so at most one chunk's logits, fp32 logits and logit
-    gradient are alive at once, and the (tokens, vocab) logits never exist. The price is one extra LM-head matmul
-    in the backward, paid only when there is more than one chunk.
+    tokens at a time (0: all at once). Without them the head and the cross-entropy run fused over chunks of
+    `chunk_size` tokens, each under non-reentrant activation checkpointing: its forward keeps only the chunk's
+    inputs (views into `hidden_states`) and the backward recomputes its logits, so at most one chunk's logits, fp32
+    logits and logit gradient are alive at once, and the (tokens, vocab) logits never exist. The price is one extra
+    LM-head matmul in the backward, paid only when there is more than one chunk.
     """
     targets = shift_labels.to(hidden_states.device).reshape(-1)  # (B*T,)
-    if logits is not None:
+    if logits is None:
+        inputs = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, hidden)
+        chunk_loss = functools.partial(head_cross_entropy_sum, lm_head)
+    else:
         if logits.shape[:2] != shift_labels.shape:
             raise ValueError(
                 f"Logits of shape {tuple(logits.shape[:2])} do not match targets of shape "
                 f"{tuple(shift_labels.shape)}: pass logits_to_keep=0 when computing a loss."
             )
-        flat = logits.reshape(-1, logits.shape[-1])  # (B*T, vocab)
-        chunk = chunk_size or flat.shape[0]
-        loss_sum = flat.new_zeros((), dtype=torch.float32)
-        for start in range(0, flat.shape[0], chunk):
-            loss_sum = loss_sum + fp32_cross_entropy_sum(flat[start : start + chunk], targets[start : start + chunk])
-    else:
-        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, hidden)
-        if hidden.shape[0] <= chunk_size:  # one chunk: its logits are the only ones alive anyway, skip the recompute
-            loss_sum = head_cross_entropy_sum(lm_head, hidden, targets)
-        else:
-            loss_sum = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, hidden.shape[0], chunk_size):
-                chunk_hidden, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-                loss_sum = loss_sum + checkpoint(
-                    head_cross_entropy_sum, lm_head, chunk_hidden, chunk_targets, use_reentrant=False
-                )
+        inputs = logits.reshape(-1, logits.shape[-1])  # (B*T, vocab)
+        chunk_loss = fp32_cross_entropy_sum
+    chunk_size = chunk_size or inputs.shape[0]
+    # A single fused chunk's logits are the only ones alive anyway: it skips the recompute.
+    recompute = logits is None and inputs.shape[0] > chunk_size
+    loss_sum = inputs.new_zeros((), dtype=torch.float32)
+    for x, t in zip(inputs.split(chunk_size), targets.split(chunk_size), strict=True):
+        loss_sum = loss_sum + (checkpoint(chunk_loss, x, t, use_reentrant=False) if recompute else chunk_loss(x, t))
 
     if num_items_in_batch is None:
         return loss_sum / (targets != IGNORE_INDEX).sum()
