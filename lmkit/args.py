@@ -267,10 +267,18 @@ class LMTrainingArguments(TrainingArguments):
             problems.append(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if problems:
             raise LMKitError("; ".join(problems))
+        # The one hardware probe in lmkit's arguments (no process setting is changed; the start-up report logs the
+        # outcome: device and bf16). It stays here rather than in the recipe set-up (prepare_run) because
+        # TrainingArguments.__post_init__ (transformers 5) needs both settled before it runs: it rejects bf16
+        # without use_cpu on a machine with no bf16 GPU (an unresolved "auto" is a truthy string there), derives
+        # mixed_precision (and DeepSpeed's "auto" dtypes) from bf16, and resolves and caches `self.device`
+        # (accelerate's PartialState(cpu=use_cpu)) and dataloader_pin_memory from use_cpu. Set afterwards, they
+        # would disagree with what it already decided.
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # a laptop without an accelerator: bf16 autocast then runs on the CPU
         if self.bf16 == "auto":
             self.bf16 = not self.fp16 and native_bf16(cpu=self.use_cpu)
+        # A toolchain check of an explicit --torch_compile, not a hardware default: fail before anything is built.
         if self.torch_compile and self.use_cpu and not _have_cpp_compiler():
             raise LMKitError(
                 "--torch_compile on a CPU needs a C++ compiler for its kernels (g++ or clang++, or set $CXX): install "
@@ -297,7 +305,9 @@ def _have_cpp_compiler() -> bool:
 
 
 def native_bf16(cpu: bool) -> bool:
-    """Whether bf16 autocast is the fast choice here: the device multiplies bf16 matrices in hardware."""
+    """Whether bf16 autocast is the fast choice here: the device multiplies bf16 matrices in hardware.
+
+    Probes the hardware; `LMTrainingArguments` calls it once, for ``--bf16 auto``."""
     if not cpu and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if cpu:

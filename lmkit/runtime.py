@@ -19,6 +19,7 @@ from lmkit import launcher, reliability
 from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, call_on_recipe_exit
 from lmkit.lock import OutputDirLock
+from lmkit.perf import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,10 @@ FINISHED_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.i
 
 def prepare_run(args: TrainingArguments, *groups: Any, checks: Callable[[], None] | None = None) -> str | None:
     """The start of every training recipe: start logging, check the launch and the output dir, run the recipe's own
-    ``checks`` (which may log how a default was fitted), take the output dir's lock, set the CPU threads, log the
-    start-up report. Returns the checkpoint to resume from (None: a fresh start). Every input check comes before
-    the report, so an error is the last thing printed."""
+    ``checks`` (which may log how a default was fitted), set the CPU threads and the CPU allocator, take the output
+    dir's lock, log the start-up report. Returns the checkpoint to resume from (None: a fresh start). Every input
+    check comes before the report, so an error is the last thing printed. The process-wide CPU settings (threads,
+    malloc) are made here, by the recipe, and logged: not at import, not by `LMTrainer`."""
     setup_logging(args)
     if launcher.came_up_alone():
         raise LMKitError(
@@ -44,6 +46,7 @@ def prepare_run(args: TrainingArguments, *groups: Any, checks: Callable[[], None
     if checks is not None:
         checks()
     threads = configure_threads(args.num_threads, cpu=args.use_cpu)
+    configure_allocator(args)
     lock_output_dir(args)
     log_startup(args, *groups, threads=threads)
     return resume_from
@@ -70,6 +73,18 @@ def configure_threads(requested: int | None = None, cpu: bool | None = None) -> 
         return f"{torch.get_num_threads()} (launcher's)"
     torch.set_num_threads(requested)
     return f"{requested} ({source})"
+
+
+def configure_allocator(args: TrainingArguments) -> bool:
+    """``--cpu_allocator_reuse`` on a CPU run: glibc malloc keeps the memory each step frees for the next step
+    (`lmkit.perf.keep_freed_memory`). Process-wide, so a recipe's set-up does it, never a library import or the
+    Trainer. True (and one log line) when applied; a GPU run, the flag off, or a C library other than glibc: False."""
+    if not (args.use_cpu and getattr(args, "cpu_allocator_reuse", False)):
+        return False
+    applied = keep_freed_memory()
+    if applied:
+        logger.info("cpu allocator: freed memory kept for reuse (--cpu_allocator_reuse)")
+    return applied
 
 
 def lock_output_dir(args: TrainingArguments) -> None:

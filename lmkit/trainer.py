@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer
 
 from lmkit import reliability
-from lmkit.perf import DataWaitTimer, keep_freed_memory, resolve_peak_flops, training_flops_per_token
+from lmkit.perf import DataWaitTimer, resolve_peak_flops, training_flops_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ class LMTrainer(Trainer):
         self.add_callback(reliability.PreemptionCallback())
         self.stream_resume = reliability.StreamResume()
         self.add_callback(self.stream_resume)
-        if self.args.use_cpu and getattr(self.args, "cpu_allocator_reuse", False) and keep_freed_memory():
-            logger.info("glibc malloc keeps freed memory for reuse (--cpu_allocator_reuse)")
 
     # -- data ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> Any:

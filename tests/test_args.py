@@ -114,19 +114,34 @@ def test_compile_on_cpu_without_a_compiler_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "recipes" / "configs").glob("*.yaml")))
-def test_every_preset_parses(tmp_path, monkeypatch, preset):
+def test_every_preset_parses_into_its_recipes_groups(tmp_path, monkeypatch, preset):
+    from dataclasses import fields
+
+    import yaml
+
     from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments
+    from lmkit.dpo_args import PreferenceArguments
     from lmkit.finetune_args import FinetuneArguments
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # a compiling preset exports it for the process
     monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
-    groups = (ModelArguments, DataArguments, LMTrainingArguments)
-    if preset.startswith("sft"):
+    groups = (ModelArguments, DataArguments, LMTrainingArguments)  # recipes/pretrain.py
+    if preset.startswith("sft"):  # recipes/finetune.py
         groups = (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments)
+    if preset.startswith("dpo"):  # recipes/dpo.py
+        groups = (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments)
+    path = REPO / "recipes" / "configs" / preset
     # --use_cpu: the GPU presets ask for bf16, which TrainingArguments refuses on a machine without a bf16 GPU
-    parsed = parse_args(groups, argv=["--config", str(REPO / "recipes" / "configs" / preset), "--use_cpu", "true",
-                                      "--output_dir", str(tmp_path)])  # fmt: skip
-    assert parsed[-1].output_dir == str(tmp_path)
+    parsed = parse_args(groups, argv=["--config", str(path), "--use_cpu", "true", "--output_dir", str(tmp_path)])
+    owner = {f.name: group for group in parsed for f in fields(group)}
+    for key, want in yaml.safe_load(path.read_text()).items():
+        if key == "output_dir":  # the command line wins
+            continue
+        got = getattr(owner[key], key)
+        got = getattr(got, "value", got)  # TrainingArguments turns strategies and schedules into enums
+        if key == "report_to":
+            want = [] if want == "none" else [want]
+        assert got == want, f"{preset}: {key} is {got!r}, the preset says {want!r}"
 
 
 # -- explicit fields and defaults that follow the model -----------------------------------------------------------

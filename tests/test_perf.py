@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,11 +103,6 @@ def test_fused_adamw_within_1e_4(tmp_path, plain_losses):
 
 def test_sdpa_within_1e_4(tmp_path, plain_losses):
     assert_losses_close(train_losses(tmp_path, {"_attn_implementation": "sdpa"}), plain_losses, rtol=1e-4)
-
-
-def test_allocator_reuse_is_exact(tmp_path, plain_losses):
-    # Where a tensor's memory comes from never changes its value.
-    assert train_losses(tmp_path, cpu_allocator_reuse=True) == plain_losses
 
 
 def test_chunked_loss_within_1e_5(tmp_path, plain_losses):
@@ -272,31 +268,143 @@ def test_auto_attention_choice(requested, compile_, cpu, seq_len, expected):
     assert resolve_attn_implementation(requested, args, seq_len) == expected
 
 
-_MMAPPED_BYTES = """
-import ctypes, sys
-import torch
-from lmkit.perf import keep_freed_memory
+# -- the CPU allocator lever: process-wide, so every check runs in a fresh process -------------------------------
+
+_MALLOC_PROBE = """
+import ctypes
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
-applied = keep_freed_memory() if sys.argv[1] == "on" else False
-before = libc.mallinfo2().hblkhd
-block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB: above glibc's default 128 KiB mmap threshold
-print(applied, libc.mallinfo2().hblkhd - before)
+def mmapped_bytes_of_a_16_mib_block():
+    import torch
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(16 << 20, dtype=torch.uint8)  # above glibc's default 128 KiB mmap threshold
+    return libc.mallinfo2().hblkhd - before
 """
+
+_MMAPPED_BYTES = (
+    _MALLOC_PROBE
+    + """
+import sys
+from lmkit.perf import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "on" else False
+print(applied, mmapped_bytes_of_a_16_mib_block())
+"""
+)
+
+
+def run_python(script: str, *argv: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_allocator_reuse_serves_big_blocks_from_the_heap():
-    # Separate processes: the malloc setting is process-wide and must not leak into other tests.
     def mmapped(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, mode], capture_output=True, text=True, check=True)
-        applied, grown = out.stdout.split()
+        applied, grown = run_python(_MMAPPED_BYTES, mode).split()
         return applied, int(grown)
 
     assert mmapped("off") == ("False", pytest.approx(16 << 20, abs=1 << 16))  # default: a fresh mmap per block
     assert mmapped("on") == ("True", 0)  # tuned: carved from the heap, reused after free
+
+
+# A training recipe's start: prepare_run (set-up, where the allocator is set), then the tiny run of `train_losses`.
+# "trainer" skips prepare_run and builds an LMTrainer with the flag on before the probe: it must leave malloc alone.
+_RECIPE_START = (
+    _MALLOC_PROBE
+    + """
+import json, sys, tempfile
+from pathlib import Path
+from lmkit.args import LMTrainingArguments
+from lmkit.runtime import prepare_run
+from lmkit.trainer import LMTrainer
+from test_perf import LMForCausalLM, tiny_config, train_losses
+
+mode, out = sys.argv[1], Path(tempfile.mkdtemp())
+reuse = mode != "off"
+args = LMTrainingArguments(output_dir=str(out / "run"), report_to="none", use_cpu=True, num_threads=1,
+                           cpu_allocator_reuse=reuse, disable_tqdm=True, eval_strategy="no")
+if mode == "trainer":
+    LMTrainer(model=LMForCausalLM(tiny_config()), args=args)
+    print(json.dumps({"mmapped": mmapped_bytes_of_a_16_mib_block()}))
+    sys.exit()
+prepare_run(args)
+mmapped = mmapped_bytes_of_a_16_mib_block()
+losses = train_losses(out / "train", cpu_allocator_reuse=reuse)
+print(json.dumps({"mmapped": mmapped, "losses": losses}))
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def recipe_starts() -> dict[str, tuple[str, dict]]:
+    """mode -> (the process's log, its last line as a dict), one fresh process per mode."""
+    runs = {}
+    for mode in ("on", "off", "trainer"):
+        out = run_python(_RECIPE_START, mode)
+        runs[mode] = (out, json.loads(out.strip().splitlines()[-1]))
+    return runs
+
+
+ALLOCATOR_LOG = "cpu allocator: freed memory kept for reuse (--cpu_allocator_reuse)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_prepare_run_sets_the_allocator_once_and_logs_it(recipe_starts):
+    log, on = recipe_starts["on"]
+    assert log.count(ALLOCATOR_LOG) == 1 and on["mmapped"] == 0
+    log, off = recipe_starts["off"]  # --no_cpu_allocator_reuse: glibc's default, a fresh mmap per big block
+    assert ALLOCATOR_LOG not in log and off["mmapped"] == pytest.approx(16 << 20, abs=1 << 16)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_the_trainer_leaves_the_allocator_alone(recipe_starts):
+    log, trainer = recipe_starts["trainer"]  # the flag on, no prepare_run: LMTrainer alone changes nothing
+    assert ALLOCATOR_LOG not in log and trainer["mmapped"] == pytest.approx(16 << 20, abs=1 << 16)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_allocator_reuse_is_exact(recipe_starts):
+    # Where a tensor's memory comes from never changes its value: the same run with malloc tuned (proven above
+    # by the probe) and with glibc's default gives the same losses to the last bit.
+    on, off = recipe_starts["on"][1], recipe_starts["off"][1]
+    assert on["mmapped"] == 0 and off["mmapped"] > 0
+    assert on["losses"] == off["losses"] and len(on["losses"]) == STEPS
+
+
+_IMPORTS = (
+    _MALLOC_PROBE
+    + """
+import logging, os, signal, warnings
+import datasets, torch, yaml
+from transformers import HfArgumentParser, Trainer, TrainingArguments  # their own import-time effects come first
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+def process_state():
+    loggers = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers))
+               for name in ("", "lmkit", "transformers", "datasets")}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return dict(os.environ), torch.get_num_threads(), loggers, handlers, list(warnings.filters)
+
+before = process_state()
+import lmkit, lmkit.args, lmkit.runtime, lmkit.trainer
+after = process_state()
+names = ("env vars", "torch threads", "logging", "signal handlers", "warning filters")
+assert after == before, [name for name, b, a in zip(names, before, after) if a != b]
+print(mmapped_bytes_of_a_16_mib_block())
+"""
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_importing_the_training_modules_changes_nothing():
+    # tests/test_modeling.py checks `import lmkit` alone; the training modules (trainer, args, runtime) hold the
+    # process-wide levers, so their import leaves env vars, threads, logging, signal handlers and malloc as found.
+    assert int(run_python(_IMPORTS).split()[-1]) == pytest.approx(16 << 20, abs=1 << 16)

@@ -368,28 +368,43 @@ def test_finished_model_is_not_overwritten(tmp_path):
 # -- 6: security -----------------------------------------------------------------------------------------------
 
 
-def test_no_pickle_loading_without_weights_only():
-    # lmkit never calls torch.load; the Trainer's own loads of optimizer/scheduler/RNG/scaler state all pass
-    # weights_only=True (transformers 5), and model weights are read only from safetensors.
+class _RunsCode:
+    """Unpickling this creates a directory: the stand-in for code a tampered checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+def test_lmkit_never_calls_torch_load_without_weights_only():
     import ast
 
-    import transformers.trainer as trainer_module
-
-    def unsafe_loads(path: Path) -> tuple[int, list[int]]:
+    for path in [*(REPO / "lmkit").rglob("*.py"), *(REPO / "recipes").glob("*.py")]:
         loads = [
             node
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
         ]
-        safe = [
-            n for n in loads if any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in n.keywords)
+        unsafe = [
+            n.lineno
+            for n in loads
+            if not any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in n.keywords)
         ]
-        return len(loads), [n.lineno for n in loads if n not in safe]
+        assert unsafe == [], path
 
-    for path in [*(REPO / "lmkit").rglob("*.py"), *(REPO / "recipes").glob("*.py")]:
-        assert unsafe_loads(path)[1] == [], path
-    n_loads, unsafe = unsafe_loads(Path(trainer_module.__file__))
-    assert n_loads >= 8 and unsafe == []
+
+@pytest.mark.parametrize("state_file", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_resuming_never_runs_code_pickled_into_a_checkpoint(tmp_path, state_file):
+    # The Trainer's own loads of optimizer / scheduler / RNG state (transformers 5: weights_only=True) refuse a
+    # pickled callable: the resume fails and the payload never runs.
+    make_trainer(tmp_path / "out", max_steps=5).train()
+    ckpt, marker = tmp_path / "out" / "checkpoint-5", tmp_path / "payload-ran"
+    torch.save({"state": _RunsCode(marker)}, ckpt / state_file)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported global"):
+        make_trainer(tmp_path / "out", max_steps=10).train(resume_from_checkpoint=str(ckpt))
+    assert not marker.exists()
 
 
 def test_pickled_weights_are_refused(tmp_path):
