@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_args, tiny_config
 from datasets import Dataset
 from transformers import GPT2Config, LlamaConfig, TrainerCallback
 
 from lmkit import LMConfig, LMForCausalLM
-from lmkit.args import LMTrainingArguments
 from lmkit.collator import CausalLMCollator
 from lmkit.perf import (
     DataWaitTimer,
@@ -32,11 +32,9 @@ from lmkit.trainer import LMTrainer
 VOCAB, T, B, STEPS = 97, 16, 4, 6
 
 
-def tiny_config(**overrides) -> LMConfig:
-    config = LMConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=T, pad_token_id=0, loss_chunk_size=0,
-    )  # fmt: skip
+def perf_config(**overrides) -> LMConfig:
+    """The shared tiny model, 64 wide (SwiGLU 192) for T-token blocks, on the plain path: eager attention."""
+    config = tiny_config(VOCAB, hidden_size=64, intermediate_size=None, max_position_embeddings=T)
     config._attn_implementation = "eager"
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -46,7 +44,7 @@ def tiny_config(**overrides) -> LMConfig:
 def train_logs(tmp_path, model_overrides=None, **arg_overrides) -> tuple[LMForCausalLM, list[dict]]:
     """Train a tiny model (same init and data every call) under the given settings; the model and every log."""
     torch.manual_seed(0)
-    model = LMForCausalLM(tiny_config(**(model_overrides or {})))
+    model = LMForCausalLM(perf_config(**(model_overrides or {})))
     rows = torch.randint(1, VOCAB, (B * STEPS, T + 1), generator=torch.Generator().manual_seed(1)).tolist()
     logged: list[dict] = []
 
@@ -55,13 +53,12 @@ def train_logs(tmp_path, model_overrides=None, **arg_overrides) -> tuple[LMForCa
             logged.append(dict(logs or {}))
 
     settings = dict(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
-        disable_tqdm=True, per_device_train_batch_size=B, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
-        warmup_steps=0, seed=0, optim="adamw_torch", bf16=False, peak_flops=1e9, cpu_allocator_reuse=False,
+        per_device_train_batch_size=B, max_steps=STEPS, logging_steps=1, learning_rate=1e-2, warmup_steps=0, seed=0,
+        optim="adamw_torch", peak_flops=1e9, cpu_allocator_reuse=False,
     )  # fmt: skip
     trainer = LMTrainer(
         model=model,
-        args=LMTrainingArguments(**{**settings, **arg_overrides}),
+        args=cpu_args(tmp_path, **{**settings, **arg_overrides}),
         train_dataset=Dataset.from_dict({"input_ids": rows}),
         data_collator=CausalLMCollator(pad_token_id=0),
         callbacks=[Record()],
@@ -113,7 +110,7 @@ def test_chunked_loss_within_1e_5(tmp_path, plain_losses):
 
 def test_chunked_loss_gradients_match_full_logits():
     torch.manual_seed(0)
-    model = LMForCausalLM(tiny_config()).train()
+    model = LMForCausalLM(perf_config()).train()
     ids = torch.randint(1, VOCAB, (B, T + 1))
     grads = {}
     for chunk in (0, 16):
@@ -130,7 +127,7 @@ def test_torch_compile_within_1e_4():
     # What --torch_compile does to the model (Trainer -> accelerate -> torch.compile), on one layer to keep the
     # inductor compile short: the loss and every gradient of two steps match eager within float reordering.
     torch.manual_seed(0)
-    eager = LMForCausalLM(tiny_config(num_hidden_layers=1, _attn_implementation="sdpa")).train()
+    eager = LMForCausalLM(perf_config(num_hidden_layers=1, _attn_implementation="sdpa")).train()
     compiled_model = copy.deepcopy(eager)
     try:
         compiled = torch.compile(compiled_model)
@@ -153,7 +150,7 @@ def test_torch_compile_within_1e_4():
 def test_flops_per_token_lmkit_exact():
     # Per layer: q 64x64, k and v 64x32 each, o 64x64, SwiGLU 3 x 64x192 -> 4096+2048+2048+4096+36864 = 49,152.
     # N = 2 x 49,152 + head 64 x 97 = 104,512; 6N = 627,072; attention 12 x 2 layers x 64 x 16 = 24,576.
-    assert training_flops_per_token(tiny_config(), seq_len=16) == 651_648
+    assert training_flops_per_token(perf_config(), seq_len=16) == 651_648
 
 
 def test_flops_per_token_llama_and_gpt2_exact():
@@ -325,14 +322,14 @@ from pathlib import Path
 from lmkit.args import LMTrainingArguments
 from lmkit.runtime import prepare_run
 from lmkit.trainer import LMTrainer
-from test_perf import LMForCausalLM, tiny_config, train_losses
+from test_perf import LMForCausalLM, perf_config, train_losses
 
 mode, out = sys.argv[1], Path(tempfile.mkdtemp())
 reuse = mode != "off"
 args = LMTrainingArguments(output_dir=str(out / "run"), report_to="none", use_cpu=True, num_threads=1,
                            cpu_allocator_reuse=reuse, disable_tqdm=True, eval_strategy="no")
 if mode == "trainer":
-    LMTrainer(model=LMForCausalLM(tiny_config()), args=args)
+    LMTrainer(model=LMForCausalLM(perf_config()), args=args)
     print(json.dumps({"mmapped": mmapped_bytes_of_a_16_mib_block()}))
     sys.exit()
 prepare_run(args)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
@@ -49,6 +50,11 @@ def stream_dataset() -> IterableDataset:
     return IterableDataset.from_generator(_stream, gen_kwargs={"rows": blocks(400)})
 
 
+def reliability_config(**overrides) -> LMConfig:
+    """The shared tiny model with 2 query heads sharing 1 key/value head and 32 positions (17-token blocks)."""
+    return tiny_config(VOCAB, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **overrides)
+
+
 def make_trainer(out: Path, dataset=None, callbacks=(), eval_dataset=None, **overrides) -> LMTrainer:
     defaults = dict(
         output_dir=str(out), report_to="none", use_cpu=True, eval_strategy="no", disable_tqdm=True, seed=7,
@@ -57,12 +63,8 @@ def make_trainer(out: Path, dataset=None, callbacks=(), eval_dataset=None, **ove
     )  # fmt: skip
     args = LMTrainingArguments(**{**defaults, **overrides})
     set_seed(0)
-    config = LMConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, loss_chunk_size=0,
-    )  # fmt: skip
     return LMTrainer(
-        model=LMForCausalLM(config),
+        model=LMForCausalLM(reliability_config()),
         args=args,
         train_dataset=map_dataset() if dataset is None else dataset,
         eval_dataset=eval_dataset,
@@ -473,16 +475,32 @@ def test_recipe_sigterm_then_resume(tmp_path):
     assert state["global_step"] == reliability.checkpoint_step(ckpt) >= 1  # resuming it: test_soak.py
 
 
-def test_trust_remote_code_is_off_unless_passed():
+def test_trust_remote_code_is_off_unless_passed(tmp_path):
     from lmkit.args import ModelArguments, parse_args
     from lmkit.eval_args import CheckpointArguments
+    from lmkit.finetune import load_config
 
-    (model_args,) = parse_args((ModelArguments,), argv=[])
-    assert model_args.trust_remote_code is False
     (ckpt,) = parse_args((CheckpointArguments,), argv=["--model", "x"])
     assert ckpt.trust_remote_code is False
+    # A checkpoint that ships its own code: by default its code never runs, and loading it is a one-line error.
+    folder, ran = tmp_path / "remote", tmp_path / "remote-code-ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"model_type": "lmkit_remote_test", "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig"}}
+        )
+    )
+    (folder / "configuration_remote.py").write_text(
+        "from pathlib import Path\nfrom transformers import PretrainedConfig\n"
+        f"Path({str(ran)!r}).touch()\n"
+        "class RemoteConfig(PretrainedConfig):\n    model_type = 'lmkit_remote_test'\n"
+    )
+    (model_args,) = parse_args((ModelArguments,), argv=[])
+    with pytest.raises(LMKitError, match="trust_remote_code"):
+        load_config(str(folder), model_args.trust_remote_code)
+    assert not ran.exists()
     (model_args,) = parse_args((ModelArguments,), argv=["--trust_remote_code", "true"])
-    assert model_args.trust_remote_code is True
+    assert type(load_config(str(folder), model_args.trust_remote_code)).__name__ == "RemoteConfig" and ran.exists()
 
 
 @pytest.mark.parametrize("grad_norm", [None, float("nan"), float("inf"), 1.5])

@@ -6,9 +6,10 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmkit import LMConfig, LMForCausalLM
+from lmkit import LMForCausalLM
 from lmkit.collator import IGNORE_INDEX, CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.sft import (
@@ -30,13 +31,7 @@ from lmkit.tokenizer import build_tokenizer
 X = IGNORE_INDEX
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CPU is shared: one thread per test process is several times faster than two fighting threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the CPU is shared
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +117,7 @@ def test_packing_restarts_positions_and_masks_boundaries():
 
 
 def _lmkit_model():
-    config = LMConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, loss_chunk_size=0)  # fmt: skip
-    return LMForCausalLM(config)
+    return LMForCausalLM(tiny_config(40, pad_token_id=None))
 
 
 def _llama_model():

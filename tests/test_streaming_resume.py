@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from transformers import TrainerCallback, set_seed
 
 import lmkit.data as data
-from lmkit import LMConfig, LMForCausalLM, reliability
+from lmkit import LMForCausalLM, reliability
 from lmkit.args import DataArguments, LMTrainingArguments
 from lmkit.collator import CausalLMCollator
 from lmkit.data import PackedStream, build_lm_datasets, load_raw_datasets
@@ -77,10 +78,9 @@ def make_trainer(out: Path, dataset: PackedStream, tokenizer, callbacks=(), **ov
     )  # fmt: skip
     set_seed(0)
     # Dropout on: the resumed run must also draw the same random numbers.
-    config = LMConfig(
-        vocab_size=64 * (len(tokenizer) // 64 + 1), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id,
-        attention_dropout=0.1, loss_chunk_size=0,
+    config = tiny_config(
+        64 * (len(tokenizer) // 64 + 1), num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        pad_token_id=tokenizer.pad_token_id, attention_dropout=0.1,
     )  # fmt: skip
     return LMTrainer(
         model=LMForCausalLM(config),

@@ -5,32 +5,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VOCAB, cpu_args, tiny_model
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import LMTrainingArguments
 from lmkit.collator import CausalLMCollator
 from lmkit.trainer import LMTrainer
 
-VOCAB = 97
-
-
-def tiny_model(seed: int = 0) -> LMForCausalLM:
-    torch.manual_seed(seed)
-    config = LMConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, loss_chunk_size=0,
-    )  # fmt: skip
-    return LMForCausalLM(config)
-
 
 def training_args(tmp_path, **overrides) -> LMTrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no", save_strategy="no",
-        disable_tqdm=True, dataloader_drop_last=False, seed=1, bf16=False,
-    )  # fmt: skip
-    return LMTrainingArguments(**{**defaults, **overrides})
+    return cpu_args(tmp_path, **{"dataloader_drop_last": False, "seed": 1, **overrides})
 
 
 class GradCatcher(TrainerCallback):
@@ -140,11 +125,8 @@ def test_logs_perplexity_tokens_per_second_and_eval(tmp_path):
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_compiled_training_drops_the_short_last_batch_only_for_training(tmp_path, monkeypatch, compile_):
+def test_compiled_training_drops_the_short_last_batch_only_for_training(tmp_path, dynamo_env, compile_):
     # 16 rows in batches of 5: 5, 5, 5, 1. Under torch.compile the 1-row batch would recompile the model.
-    # TrainingArguments(torch_compile=True) exports ACCELERATE_DYNAMO_* for the whole process: restore them after.
-    for var in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
-        monkeypatch.delenv(var, raising=False)
     args = training_args(tmp_path, per_device_train_batch_size=5, per_device_eval_batch_size=5, torch_compile=compile_)
     trainer = LMTrainer(
         model=tiny_model(), args=args, train_dataset=ragged_rows(), eval_dataset=ragged_rows(),
