@@ -84,6 +84,18 @@ def test_bf16_defaults_to_what_the_cpu_runs_natively(tmp_path, monkeypatch, amx,
     assert args.bf16 is expected
 
 
+def test_no_accelerator_means_a_cpu_run_before_transformers_decides_the_device(tmp_path, monkeypatch):
+    # use_cpu is settled in LMTrainingArguments.__post_init__, before TrainingArguments' own: that one caches the
+    # device and pin_memory from it, so a later change (in the recipe's set-up) would come too late.
+    import torch
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path)])
+    assert args.use_cpu is True and args.device.type == "cpu" and args.dataloader_pin_memory is False
+    assert args.bf16 is True and args.mixed_precision == "bf16"  # bf16 auto was asked of the CPU, which has AMX
+
+
 @pytest.mark.parametrize(
     "argv, bf16, fp16",
     [(["--bf16"], True, False), (["--bf16", "false"], False, False), (["--fp16", "true"], False, True)],
