@@ -80,7 +80,7 @@ def child(spec: dict) -> dict:
     from lmkit.args import LMTrainingArguments
     from lmkit.collator import CausalLMCollator
     from lmkit.perf import resolve_attn_implementation, training_flops_per_token
-    from lmkit.runtime import num_parameters
+    from lmkit.runtime import configure_allocator, num_parameters
     from lmkit.trainer import LMTrainer
 
     T, B, V, H, L = spec["seq_len"], spec["batch_size"], spec["vocab_size"], spec["hidden_size"], spec["num_layers"]
@@ -149,6 +149,8 @@ def child(spec: dict) -> dict:
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
         dataloader_drop_last=True, seed=0, **extra,
     )  # fmt: skip
+    if trainer_cls is LMTrainer:
+        configure_allocator(training_args)  # what lmkit's recipes do in their set-up step (prepare_run)
     trainer = trainer_cls(
         model=model, args=training_args, train_dataset=data, data_collator=collator, callbacks=[clock]
     )
