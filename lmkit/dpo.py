@@ -23,6 +23,7 @@ training (`add_reference_logps`) and cached on disk, keyed by the reference weig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -529,6 +530,18 @@ def model_key(spec: str, extra: str = "") -> str:
                 stat = file.stat()
                 parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def full_parameters(model: nn.Module) -> Any:
+    """Under DeepSpeed ZeRO-3 (weights sharded by zero.Init at load), gather every parameter for a forward outside
+    the DeepSpeed engine: a collective, so every rank must enter it. Elsewhere nothing."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 @torch.no_grad()

@@ -14,11 +14,13 @@ and no second model stays in memory. Without --config this uses recipes/configs/
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, explicit_fields, fit_evaluation, parse_args
 from lmkit.dpo import (
@@ -28,6 +30,7 @@ from lmkit.dpo import (
     build_preference_dataset,
     cache_root,
     check_reference_tokenizer,
+    full_parameters,
     is_conversational,
     load_preference_rows,
     model_key,
@@ -122,7 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             add_tokens(ref_model, ref_tokenizer, n_saved, new_special)
         key = model_key(ref_spec or spec, extra=f"{new_special}|{model_args.attn_implementation}")
         ref_model.to(args.device)
-        with args.main_process_first(local=False, desc="reference log-probs"):
+        # Rank 0 scores and caches, the others then read the cache; under ZeRO-3 the sharded weights are gathered
+        # (a collective), so every rank scores at once (the full model must fit one device for this pass).
+        first = contextlib.nullcontext() if is_deepspeed_zero3_enabled() else args.main_process_first(local=False)
+        with first, full_parameters(ref_model):
             datasets = {
                 split: add_reference_logps(
                     data,
