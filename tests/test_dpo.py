@@ -593,9 +593,10 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_process_ddp_matches_one_process(base, tmp_path):
-    """accelerate launch, 2 CPU processes x 2 pairs = one process x 4 pairs: same losses (each rank computes the
-    reference pass only for the cache it then shares), same rewards."""
+@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
+def test_two_process_runs_match_one_process(base, tmp_path, config):
+    """accelerate launch, 2 CPU processes x 2 pairs = one process x 4 pairs: same losses and rewards (DDP, ZeRO-2,
+    ZeRO-3 with its sharded weights gathered for the reference pass, FSDP2)."""
     import os
     import socket
     import subprocess
@@ -610,7 +611,7 @@ def test_two_process_ddp_matches_one_process(base, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", repo / "accelerate_configs/cpu.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", repo / "accelerate_configs" / config,
            "--num_processes", 2, "--main_process_port", port, repo / "recipes/dpo.py", *common, "--output_dir",
            tmp_path / "ddp", "--per_device_train_batch_size", 2, "--cache_dir", tmp_path / "c2", *QUIET]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
