@@ -493,7 +493,7 @@ def greedy_behaviour(model_dir: Path, words: list[str]) -> dict[str, int]:
 
 
 def unseen_token_mass(model_dir: Path, words: list[str]) -> float:
-    """Mean probability the model gives tokens that occur nowhere in the data (the 33 of 64 vocabulary rows
+    """Mean probability the model gives tokens that occur nowhere in the data (the 50 of 64 vocabulary rows
     that are not in "reverse: abcdefg\n" + EOS), at the 4 answer positions of held-out "reverse: w" -> reversal."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
