@@ -47,6 +47,7 @@ def child(spec: dict) -> dict:
     from lmkit.args import LMTrainingArguments
     from lmkit.collator import CausalLMCollator
     from lmkit.perf import resolve_attn_implementation
+    from lmkit.runtime import configure_allocator
     from lmkit.trainer import LMTrainer
 
     T, B, V = spec["seq_len"], spec["batch_size"], spec["vocab_size"]
@@ -56,6 +57,7 @@ def child(spec: dict) -> dict:
         max_steps=spec["steps"], logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=True, seed=0, torch_compile=spec["compile"], sample_prompt=None,
     )  # fmt: skip
+    configure_allocator(args)  # the recipes' set-up step (prepare_run): --cpu_allocator_reuse
     config = LMConfig(
         vocab_size=V, hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
         num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"], max_position_embeddings=T,

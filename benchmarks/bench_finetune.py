@@ -131,12 +131,14 @@ def child(spec: dict) -> dict:
         from lmkit.finetune import LabelsCollator, apply_lora, load_model, load_tokenizer
         from lmkit.finetune_args import FinetuneArguments
         from lmkit.perf import resolve_attn_implementation
+        from lmkit.runtime import configure_allocator
         from lmkit.sft import build_sft_datasets
         from lmkit.trainer import LMTrainer
 
         args = LMTrainingArguments(
             **common, train_sampling_strategy=spec.get("sampling", "random"), sample_prompt=None, max_nonfinite_steps=5
         )
+        configure_allocator(args)  # the recipe's set-up step (prepare_run): --cpu_allocator_reuse
         tokenizer, _ = load_tokenizer(spec["lmkit_dir"])
         model = load_model(
             spec["lmkit_dir"], attn_implementation=resolve_attn_implementation("auto", args, spec["block_size"])

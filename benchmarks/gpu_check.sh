@@ -149,6 +149,7 @@ def train(kind, compile_, steps):
     )
 
     from lmkit.collator import CausalLMCollator
+    from lmkit.runtime import configure_allocator
     from lmkit.trainer import LMTrainer
 
     out = tempfile.mkdtemp(prefix="lmkit-gpu-check-")
@@ -165,6 +166,7 @@ def train(kind, compile_, steps):
     tokens = torch.randint(0, config.vocab_size - 1, (B * steps, T + 1), generator=g)
     torch.manual_seed(0)
     if kind == "lmkit":
+        configure_allocator(args)  # the recipes' set-up step (a CPU-only setting: nothing on a GPU)
         model = LMForCausalLM(config)
         data = Dataset.from_dict({"input_ids": tokens.tolist()})
         trainer_cls, collator = LMTrainer, CausalLMCollator(pad_token_id=config.vocab_size - 1)
