@@ -2,7 +2,7 @@
 step's default output, run from a fresh working directory, and every output is read back by stock tools.
 
 pretrain (tiny preset, bundled corpus) -> finetune on prompt/completion rows -> finetune on chats -> LoRA with merge
--> evaluate -> generate -> publish --dry_run. Only the step counts are cut down; sizes and paths are the defaults.
+-> DPO on preference pairs -> evaluate -> generate -> publish --dry_run. Only the step counts are cut down; sizes and paths are the defaults.
 """
 
 from __future__ import annotations
@@ -96,6 +96,16 @@ def test_pretrain_finetune_evaluate_generate_publish_on_defaults(tmp_path):
     lora = home / "outputs" / "sft-lora"
     assert (lora / "adapter_config.json").exists() and (lora / "merged" / "config.json").exists()
 
+    # -- preference tuning on the SFT model (dpo.yaml's max_length 1024 follows the model's 128 positions) -----
+    pairs = [{"prompt": q, "chosen": " " + a, "rejected": " I do not know."} for q, a in QUESTIONS * 10]
+    (home / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = _ok(run("dpo", "--model_name_or_path", "outputs/sft-full", "--train_files", "prefs.jsonl", *SHORT,
+                  cwd=home, **env))  # fmt: skip
+    dpo = home / "outputs" / "dpo"
+    dpo_logs = json.loads((dpo / "trainer_state.json").read_text())["log_history"]
+    assert any("rewards/accuracies" in h for h in dpo_logs) and any("eval_rewards/margins" in h for h in dpo_logs)
+    assert json.loads((dpo / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+
     # -- evaluate, generate, publish --------------------------------------------------------------------------
     (home / "heldout.txt").write_text(REPO.joinpath("lmkit", "corpus", "tinyshakespeare.txt").read_text()[-3000:])
     out = _ok(run("evaluate", "--model", "outputs/sft-full", "--files", "heldout.txt", cwd=home, **env))
@@ -112,7 +122,7 @@ def test_pretrain_finetune_evaluate_generate_publish_on_defaults(tmp_path):
     assert (export / "README.md").exists()
 
     # -- stock tools read every output: Auto classes + pipeline without lmkit, peft on the adapter ------------
-    for folder in (pretrain, pretrain / "checkpoint-30", sft, lora / "merged", export):
+    for folder in (pretrain, pretrain / "checkpoint-30", sft, lora / "merged", dpo, export):
         printed = _load_without_lmkit(
             folder,
             "gen = pipeline('text-generation', model=model, tokenizer=tok)\n"
