@@ -553,7 +553,7 @@ def test_dpo_on_an_sft_model_prefers_the_chosen_behaviour_on_held_out_prompts(re
     assert after["reverse"] >= before["reverse"] + 8 and after["copy"] <= before["copy"] // 2
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two 200-step DPO runs: ~3-5 min on 2 cores; `pytest -m long tests/test_dpo.py`
 def test_sft_weight_keeps_probability_off_never_seen_tokens(reversal_sft, tmp_path):
     """Long DPO drains probability from both answers into tokens the data never shows (they move with the hidden
     states: their rows get only Adam-normalised crumbs of gradient); the chosen answers' NLL (--sft_weight) stops
