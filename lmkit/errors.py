@@ -63,7 +63,7 @@ def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LMKitError as err:
-            _run_exit_callbacks()
+            _run_exit_callbacks()  # now: under a launcher the process ends in a signal handler (os._exit), not here
             message = " ".join(str(err).split())  # one line, whatever the message was built from
             exit_with_error(f"lmkit: error: {message}")
         finally:
