@@ -90,6 +90,10 @@ def configure_allocator(args: TrainingArguments) -> bool:
 def lock_output_dir(args: TrainingArguments) -> None:
     """Take ``--output_dir``'s run lock on the global main process, held until the recipe ends; the other ranks
     wait for it, so none starts on a dir that another run holds."""
+    # Every rank's write probe (`check_output_dir`) ends before rank 0 may create the dir: a probe file inside a dir
+    # the lock created would make a failed run's clean-up (rmdir of the dir it created) fail and leave the dir behind.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     with args.main_process_first(local=False, desc="output dir lock"):
         if args.process_index == 0:
             lock = OutputDirLock(args.output_dir)
