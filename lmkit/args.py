@@ -194,8 +194,8 @@ class LMTrainingArguments(TrainingArguments):
     bf16: bool | str = field(
         default="auto",
         metadata={
-            "help": "bf16 autocast. Unset (auto): on where the hardware runs bf16 matmuls natively (a CUDA GPU "
-            "with bf16, a CPU with AMX or AVX512-BF16), off elsewhere, where bf16 is emulated and slower than fp32."
+            "help": "bf16 autocast. Unset (auto): on where bf16 matmuls beat fp32 (a CUDA GPU with bf16, a CPU "
+            "with AMX), off elsewhere (AVX512-BF16 alone runs bf16 matmuls slower than fp32)."
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
@@ -311,7 +311,11 @@ def native_bf16(cpu: bool) -> bool:
     if not cpu and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if cpu:
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        # AMX only. AVX512-BF16 has bf16 dot-product instructions, but oneDNN's bf16 GEMM on them is slower than its
+        # fp32 GEMM: 82 vs 121 GFLOP/s (1024^2, one thread) on a Xeon without AMX, where fine-tuning also ran 1.79x
+        # faster in fp32 (benchmarks/README.md); 39 vs 65 GFLOP/s on an AMX Xeon with AMX masked off
+        # (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), 282 GFLOP/s bf16 with it.
+        return torch.cpu._is_amx_tile_supported()
     return False  # other accelerators (MPS, XPU, ...): leave it to an explicit --bf16
 
 
@@ -429,27 +433,41 @@ def explicit_fields(group: Any) -> frozenset[str]:
     return getattr(group, _EXPLICIT, frozenset(f.name for f in fields(group)))
 
 
-def fit_block_size(data_args: DataArguments, max_positions: int | None, limit: str) -> None:
-    """Make ``--block_size`` fit a model of ``max_positions`` positions (``limit`` names that number in messages).
+def fit_length(group: Any, field: str, max_positions: int | None, limit: str) -> None:
+    """Make the length ``group.<field>`` fit a model of ``max_positions`` positions (``limit`` names that number).
 
-    A default block size that is too long becomes ``max_positions``, with one log line; an explicit one raises
-    `LMKitError` naming the flag.
+    A default that is too long becomes ``max_positions``, with one log line; an explicit one raises `LMKitError`
+    naming the flag. The rule for every length a model bounds: ``--block_size``, DPO's ``--max_length``.
     """
-    if max_positions is None or data_args.block_size <= max_positions:
+    value = getattr(group, field)
+    if max_positions is None or value <= max_positions:
         return
-    if "block_size" in explicit_fields(data_args):
-        raise LMKitError(f"--block_size {data_args.block_size} exceeds {limit} {max_positions}")
+    if field in explicit_fields(group):
+        raise LMKitError(f"--{field} {value} exceeds {limit} {max_positions}")
     logger.info(
-        "--block_size %d (a default) exceeds %s %d: using --block_size %d",
-        data_args.block_size, limit, max_positions, max_positions,
-    )  # fmt: skip
-    data_args.block_size = max_positions
+        "--%s %d (a default) exceeds %s %d: using --%s %d", field, value, limit, max_positions, field, max_positions
+    )
+    setattr(group, field, max_positions)
+
+
+def fit_block_size(data_args: DataArguments, max_positions: int | None, limit: str) -> None:
+    """`fit_length` for ``--block_size``."""
+    fit_length(data_args, "block_size", max_positions, limit)
 
 
 def check_streaming(data_args: DataArguments, args: LMTrainingArguments) -> None:
     """A stream has no length to count epochs by: ``--streaming`` needs ``--max_steps``."""
     if data_args.streaming and args.max_steps <= 0:
         raise LMKitError("--streaming needs --max_steps: a stream has no length to count epochs by")
+
+
+def check_block_size(
+    data_args: DataArguments, args: LMTrainingArguments, max_positions: int | None, limit: str
+) -> None:
+    """The data checks a training recipe runs before its start-up report (which then shows the fitted values):
+    ``--streaming`` needs ``--max_steps``, and ``--block_size`` fits the model (see `fit_block_size`)."""
+    check_streaming(data_args, args)
+    fit_block_size(data_args, max_positions, limit)
 
 
 _EVAL_FLAGS = ("eval_strategy", "eval_on_start", "load_best_model_at_end")
