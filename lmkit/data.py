@@ -508,16 +508,16 @@ class PackedStream(torch.utils.data.IterableDataset):
     Documents are read ``_TOKENIZE_BATCH`` at a time, EOS follows each one, and the tokens that do not fill a last
     block carry over to the next batch: the blocks are those of one global concatenation, as in memory.
 
-    Resumable without replay (``state_dict`` / ``load_state_dict``, the protocol of `datasets.IterableDataset` and
-    torchdata's ``StatefulDataLoader``). `datasets` can resume the document stream itself, but not a packing step
-    that carries tokens across batches, so a position here is: the `datasets` state where the current read batch
-    began, the documents of that batch already used up, and the tokens of the next document already used up.
-    Restoring reads that one batch again (`datasets` re-reads from its own last checkpoint inside a shard, without
-    tokenizing) and tokenizes only from the position on.
+    Resumable without replay: it follows `lmkit.checkpoint.ResumableData` (``state_dict`` / ``load_state_dict``, the
+    protocol of `datasets.IterableDataset` and torchdata's ``StatefulDataLoader``, plus ``state_dict_after``).
+    `datasets` can resume the document stream itself, but not a packing step that carries tokens across batches,
+    so a position here is: the `datasets` state where the current read batch began, the documents of that batch
+    already used up, and the tokens of the next document already used up. Restoring reads that one batch again
+    (`datasets` re-reads from its own last checkpoint inside a shard, without tokenizing) and tokenizes only from
+    the position on.
 
-    ``position_after(n)`` gives the position after the first ``n`` blocks of the stream for a short while after
-    they were yielded: a data loader reads ahead, so the Trainer asks for the count it has trained on (see
-    `lmkit.reliability.save_stream_position`).
+    ``state_dict_after(n)`` gives the position after the first ``n`` blocks of the stream for a short while after
+    they were yielded: a data loader reads ahead, so a checkpoint asks for the count it has trained on.
     """
 
     def __init__(self, docs: IterableDataset, tokenizer: Any, block_len: int) -> None:
@@ -532,11 +532,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         return dict(self._resume_from or _STREAM_START)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Start the next iteration at ``state`` (from `state_dict` or `position_after`)."""
+        """Start the next iteration at ``state`` (from `state_dict` or `state_dict_after`)."""
         self._resume_from = dict(state)
         self._positions.clear()
 
-    def position_after(self, n_blocks: int) -> dict[str, Any] | None:
+    def state_dict_after(self, n_blocks: int) -> dict[str, Any] | None:
         """The position after the stream's first ``n_blocks`` blocks, if this iteration yielded it recently."""
         for position in reversed(self._positions):
             if position["blocks"] == n_blocks:

@@ -35,18 +35,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmkit.checkpoint import MODEL_WEIGHTS, PICKLE_WEIGHTS, safetensors_problem
 from lmkit.errors import LMKitError
 from lmkit.modeling import LMConfig, LMForCausalLM
-from lmkit.reliability import safetensors_problem
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+WEIGHT_FILES = (*MODEL_WEIGHTS, *PICKLE_WEIGHTS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # What an export may contain: an existing --export_dir holding anything else is not ours to clear.
 EXPORT_FILE = re.compile(r"^[\w.-]+\.(safetensors|json|py|md|png|txt|model|jinja)$")

@@ -15,16 +15,14 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from lmkit import launcher, reliability
+from lmkit import launcher
+from lmkit.checkpoint import FINISHED_MODEL_FILES, check_resume_checkpoint, complete_checkpoints
 from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, call_on_recipe_exit
 from lmkit.lock import OutputDirLock
 from lmkit.perf import keep_freed_memory
 
 logger = logging.getLogger(__name__)
-
-# Files whose presence means an output dir holds a finished model.
-FINISHED_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
 
 
 def prepare_run(args: TrainingArguments, *groups: Any, checks: Callable[[], None] | None = None) -> str | None:
@@ -194,7 +192,7 @@ def check_output_dir(args: TrainingArguments) -> None:
     if getattr(args, "overwrite_output_dir", False):
         return
     resume = args.resume_from_checkpoint
-    if resume and (resume != "auto" or reliability.complete_checkpoints(out)):
+    if resume and (resume != "auto" or complete_checkpoints(out)):
         return
     finished = [name for name in FINISHED_MODEL_FILES if (out / name).exists()]
     if finished:
@@ -228,10 +226,10 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
     if not value:
         return None
     if value != "auto":
-        reliability.check_resume_checkpoint(value)
+        check_resume_checkpoint(value)
         return value
     out = Path(args.output_dir)
-    complete = reliability.complete_checkpoints(out)
+    complete = complete_checkpoints(out)
     if not complete:
         logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", out)
         return None

@@ -433,7 +433,8 @@ class SFTStream(torch.utils.data.IterableDataset):
     For the same rows it yields exactly the rows `build_sft_dataset` holds, in file order (a stream is not
     shuffled). ``hold_out=(seed, fraction)`` skips the rows `lmkit.data.is_held_out` puts in the validation split.
     Examples over ``block_size + 1`` tokens are dropped, and the count is logged at the end of every pass.
-    A resumed run replays the stream up to its step (`lmkit.reliability.StreamResume`).
+    A resumed run replays the stream up to its step: it keeps no position (`lmkit.checkpoint.ResumableData`),
+    since packing carries examples across rows.
     """
 
     def __init__(

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import Trainer
 
 from lmkit import reliability
+from lmkit.checkpoint import Checkpointer, check_checkpoint_matches_model, complete_checkpoints
 from lmkit.perf import DataWaitTimer, resolve_peak_flops, training_flops_per_token
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ class LMTrainer(Trainer):
     - Logs perplexity, tokens/s over the last logging interval and tokens seen; eval logs perplexity.
     - Logs MFU over the interval against the peak FLOP/s it names (``--peak_flops``, a known GPU's data sheet, or
       measured on a CPU; see `lmkit.perf`), and ``data_wait_fraction``: the share of wall time spent fetching batches.
-    - Reliability (`lmkit.reliability`): checkpoints and the final model appear only when complete; SIGTERM/SIGINT
-      checkpoint and exit; NaN/Inf steps are skipped and counted (``nonfinite_skipped``); a streaming run resumes at
-      the stream position saved in its checkpoint instead of replaying the stream.
+    - Checkpoints (`lmkit.checkpoint`, the ``checkpointer`` it owns): checkpoints and the final model appear only
+      when complete; a streaming run resumes at the stream position saved in its checkpoint instead of replaying it.
+    - Reliability (`lmkit.reliability`): SIGTERM/SIGINT checkpoint and exit; NaN/Inf steps are skipped and counted
+      (``nonfinite_skipped``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -42,12 +44,13 @@ class LMTrainer(Trainer):
         self._data_wait = DataWaitTimer()
         self._interval_flops = 0.0
         self._peak: tuple[float, str] | None = None
-        self._checkpoint_staging: str | None = None
+        self._staging_dir: str | None = None  # where `_save_checkpoint` writes while the checkpointer stages it
         self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
         self.add_callback(self.nonfinite_guard)
         self.add_callback(reliability.PreemptionCallback())
-        self.stream_resume = reliability.StreamResume()
-        self.add_callback(self.stream_resume)
+        # The Trainer's own RNG restore, so every device's generators come back as the stock resume sets them.
+        self.checkpointer = Checkpointer(self.args, self.accelerator.wait_for_everyone, self._load_rng_state)
+        self.add_callback(self.checkpointer)
 
     # -- data ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> Any:
@@ -87,42 +90,43 @@ class LMTrainer(Trainer):
         self.nonfinite_guard.observe_grad_norm(grad_norm)
         return grad_norm
 
-    # -- crash-safe saving (lmkit.reliability) ----------------------------------------------------------------
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._checkpoint_staging or super()._get_output_dir(trial)
+    # -- checkpoints (lmkit.checkpoint) ----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True and (complete := complete_checkpoints(self.args.output_dir)):
+            resume_from_checkpoint = str(complete[-1])  # the stock pick takes the newest folder, complete or not
+        checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        if checkpoint is not None and not self.is_deepspeed_enabled:  # DeepSpeed loads (and checks) its own shards
+            check_checkpoint_matches_model(checkpoint, self.model)
+        with self.checkpointer.training(checkpoint, self.train_dataset, self.get_total_train_batch_size(self.args)):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    # Private override: the Trainer writes a checkpoint straight into the visible OUTPUT_DIR/checkpoint-N and no
+    # public hook wraps that write (`on_save` runs after it); the checkpointer needs all of it (weights, optimizer,
+    # RNG, trainer state, DeepSpeed / FSDP shards) to land in a staging folder it can fsync and publish by rename.
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        save = functools.partial(super()._save_checkpoint, model, trial)
-        reliability.save_checkpoint_atomically(self, save, super()._get_output_dir(trial))
+        stock_save = functools.partial(super()._save_checkpoint, model, trial)
+
+        def write(staging_dir: str) -> None:
+            self._staging_dir = staging_dir
+            try:
+                stock_save()
+            finally:
+                self._staging_dir = None
+
+        rows_per_step = self.get_total_train_batch_size(self.args)
+        self.checkpointer.save(self.state, super()._get_output_dir(trial), write, self.train_dataset, rows_per_step)
+
+    # Private override: the stock `_save_checkpoint` takes its folder from this method alone, and no argument names
+    # it; pointing `args.output_dir` at the staging folder instead would also move what the hub push and the
+    # callbacks read.
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call or self.args.push_to_hub:  # checkpoints are already staged; a hub push wants the dir
             return super().save_model(output_dir, _internal_call)
-        save = functools.partial(super().save_model, _internal_call=False)
-        reliability.save_model_atomically(self, save, output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        reliability.check_checkpoint_matches_model(resume_from_checkpoint, self.model)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _init_training_state(
-        self,
-        max_steps: int,
-        num_update_steps_per_epoch: int,
-        num_train_epochs: int,
-        resume_from_checkpoint: Any,
-        trial: Any,
-    ) -> tuple[int, int]:
-        epochs_trained, batches_to_skip = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-        )
-        if batches_to_skip and self.stream_resume.restore(self, resume_from_checkpoint):
-            batches_to_skip = 0  # the stream starts at the checkpoint's position: nothing to replay
-        return epochs_trained, batches_to_skip
-
-    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
-        with reliability.no_end_of_training_rotation(self.args):
-            return super()._finalize_training(*args, **kwargs)
+        write = functools.partial(super().save_model, _internal_call=False)
+        self.checkpointer.save_model(write, output_dir or self.args.output_dir)
 
     # -- speed accounting ------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:

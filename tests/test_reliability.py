@@ -1,4 +1,4 @@
-"""lmkit.reliability: exact resume, crash-safe checkpoints, SIGTERM/SIGINT, non-finite guard, output safety, secrets.
+"""lmkit.checkpoint + lmkit.reliability: exact resume, crash-safe checkpoints, SIGTERM/SIGINT, non-finite guard, output safety, secrets.
 
 Most tests drive `LMTrainer` in-process on a 2-layer model over random token blocks (a run takes ~1 s); a process
 "killed" mid-save is simulated by raising a `BaseException` that no clean-up code catches, which leaves the disk
@@ -21,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
 
-from lmkit import LMConfig, LMForCausalLM, reliability
+from lmkit import LMConfig, LMForCausalLM, checkpoint
 from lmkit.args import LMTrainingArguments
 from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
@@ -197,9 +197,9 @@ WRITE_POINTS = [
     ("safetensors.torch", "save_file"),
     ("torch", "save"),
     ("transformers.trainer_callback.TrainerState", "save_to_json"),
-    ("lmkit.reliability", "_fsync_tree"),
-    ("lmkit.reliability.os", "rename"),
-    ("lmkit.reliability", "rotate_checkpoints"),
+    ("lmkit.checkpoint", "_fsync_tree"),
+    ("lmkit.checkpoint.os", "rename"),
+    ("lmkit.checkpoint", "rotate_checkpoints"),
 ]
 
 
@@ -240,7 +240,7 @@ def test_kill_during_save_never_exposes_a_broken_checkpoint(tmp_path, tmp_path_f
             make_trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
     visible = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     for name in visible:
-        assert reliability.checkpoint_problem(tmp_path / name) is None, name
+        assert checkpoint.checkpoint_problem(tmp_path / name) is None, name
     args = LMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="auto", report_to="none")
     resume_from = resolve_resume_checkpoint(args)
     assert resume_from in (str(tmp_path / "checkpoint-5"), str(tmp_path / "checkpoint-10"))
@@ -351,7 +351,7 @@ def test_save_total_limit_keeps_newest_and_best(tmp_path):
     assert best is not None and Path(best).name in kept and Path(best).parent == tmp_path
     assert Path(best).name != "checkpoint-20"  # highest eval loss: an early one, so both must be kept
     for name in kept:
-        assert reliability.checkpoint_problem(tmp_path / name) is None
+        assert checkpoint.checkpoint_problem(tmp_path / name) is None
 
 
 def test_finished_model_is_not_overwritten(tmp_path):
@@ -469,10 +469,10 @@ def test_recipe_sigterm_then_resume(tmp_path):
     message = err.strip().splitlines()[-1]
     assert message.startswith("lmkit: stopped by SIGTERM at step ") and "--resume_from_checkpoint auto" in message
     (ckpt,) = out.glob("checkpoint-*")
-    assert reliability.checkpoint_problem(ckpt) is None
+    assert checkpoint.checkpoint_problem(ckpt) is None
     assert not (out / "config.json").exists()  # no finished model: the run did not finish
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["global_step"] == reliability.checkpoint_step(ckpt) >= 1  # resuming it: test_soak.py
+    assert state["global_step"] == checkpoint.checkpoint_step(ckpt) >= 1  # resuming it: test_soak.py
 
 
 def test_trust_remote_code_is_off_unless_passed(tmp_path):

@@ -17,8 +17,9 @@ from conftest import tiny_config
 from transformers import TrainerCallback, set_seed
 
 import lmkit.data as data
-from lmkit import LMForCausalLM, reliability
+from lmkit import LMForCausalLM
 from lmkit.args import DataArguments, LMTrainingArguments
+from lmkit.checkpoint import STREAM_POSITION
 from lmkit.collator import CausalLMCollator
 from lmkit.data import PackedStream, build_lm_datasets, load_raw_datasets
 from lmkit.tokenizer import build_tokenizer
@@ -144,8 +145,9 @@ def interrupted_run(tmp_path, corpus, tokenizer, tokenized, accumulation: int) -
 def test_resume_jumps_to_the_saved_position_and_is_exact(tmp_path, corpus, tokenizer, tokenized, accumulation):
     ref_losses, ref_epochs, docs_before = interrupted_run(tmp_path, corpus, tokenizer, tokenized, accumulation)
     checkpoint = tmp_path / "run" / f"checkpoint-{STOP}"
-    position = json.loads((checkpoint / reliability.STREAM_POSITION).read_text())
-    assert position["blocks"] == STOP * accumulation * BATCH  # rows trained on, not the rows the loader read ahead
+    position = json.loads((checkpoint / STREAM_POSITION).read_text())
+    rows = STOP * accumulation * BATCH  # rows trained on, not the rows the loader read ahead
+    assert position["rows"] == position["state"]["blocks"] == rows
 
     tokenized[0] = 0
     counter = CountAtFirstStep(tokenized)
@@ -169,14 +171,14 @@ def test_checkpoint_without_position_resumes_by_replay(tmp_path, corpus, tokeniz
     # A checkpoint written before stream positions existed: the stock replay, still exact, and a warning.
     ref_losses, _, docs_before = interrupted_run(tmp_path, corpus, tokenizer, tokenized, 2)
     checkpoint = tmp_path / "run" / f"checkpoint-{STOP}"
-    (checkpoint / reliability.STREAM_POSITION).unlink()
+    (checkpoint / STREAM_POSITION).unlink()
 
     tokenized[0] = 0
     counter = CountAtFirstStep(tokenized)
     resumed = make_trainer(
         tmp_path / "run", stream(corpus, tokenizer, tmp_path), tokenizer, [counter], gradient_accumulation_steps=2
     )
-    with caplog.at_level(logging.WARNING, logger="lmkit.reliability"):
+    with caplog.at_level(logging.WARNING, logger="lmkit.checkpoint"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert losses(resumed) == ref_losses
     assert any("saved no stream position" in r.getMessage() and "replaying" in r.getMessage() for r in caplog.records)
@@ -198,6 +200,6 @@ def test_position_restores_the_exact_continuation(tmp_path, corpus, tokenizer, t
         for _ in range(cut):
             next(rows)
         position = ds.state_dict()
-        assert position == ds.position_after(cut) and position["blocks"] == cut
+        assert position == ds.state_dict_after(cut) and position["blocks"] == cut
         ds.load_state_dict(json.loads(json.dumps(position)))  # as written to and read from a checkpoint
         assert [row["input_ids"] for row in ds] == every[cut:], cut
