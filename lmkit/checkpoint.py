@@ -242,7 +242,9 @@ def _probe_errno(where: Path) -> int | None:
     except OSError as err:
         return err.errno
     try:
-        os.write(fd, b"\0" * 4096)  # one page: a full tmpfs or disk refuses it
+        page = memoryview(b"\0" * 4096)  # one page: a full tmpfs or disk refuses it
+        while page:  # a write that meets the limit is cut short; only the next one says why
+            page = page[os.write(fd, page) :]
         os.fsync(fd)
     except OSError as err:
         return err.errno

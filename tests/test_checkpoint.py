@@ -1,0 +1,195 @@
+"""lmkit.checkpoint.Checkpointer: data state found by protocol, write errors classified by errno, rotation once.
+
+The whole-run behaviours (exact resume, kill -9 during a save, auto-resume skipping broken checkpoints) are in
+test_reliability.py, test_streaming_resume.py and test_soak.py; these tests pin the component's own rules.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import resource
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers.trainer
+from conftest import cpu_args, tiny_model
+from datasets import Dataset
+from safetensors.torch import save_file
+
+import lmkit.checkpoint
+from lmkit.checkpoint import STREAM_POSITION, ResumableData, write_errno
+from lmkit.collator import CausalLMCollator
+from lmkit.errors import LMKitError
+from lmkit.trainer import LMTrainer
+
+VOCAB = 97
+ROWS = [[(7 * i + j) % (VOCAB - 1) + 1 for j in range(9)] for i in range(64)]  # 64 rows of 9 tokens, no padding
+
+
+class ToyStream(torch.utils.data.IterableDataset):
+    """Rows of `ROWS` in order; its whole state is the index of the next row: ``{"next": n}``."""
+
+    def __init__(self) -> None:
+        self.start, self.loaded, self.first_rows = 0, [], []
+
+    def __iter__(self):
+        self.first_rows.append(self.start)
+        for i in range(self.start, len(ROWS)):
+            self.next = i + 1
+            yield {"input_ids": ROWS[i]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": getattr(self, "next", self.start)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded.append(state)
+        self.start = state["next"]
+
+    def state_dict_after(self, rows: int) -> dict[str, Any] | None:
+        return {"next": rows}  # every row is one of ROWS: the state after n rows is always known
+
+
+class StateWithoutHistory(ToyStream):
+    """`state_dict` / `load_state_dict` alone (as `datasets.IterableDataset`): its state is ahead of training."""
+
+    state_dict_after = None
+
+
+def make_trainer(out: Path, data: Any, eval_dataset: Any = None, **overrides: Any) -> LMTrainer:
+    defaults = dict(
+        per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=1e-2, seed=3,
+        logging_steps=1, dataloader_num_workers=0,
+    )  # fmt: skip
+    args = cpu_args(out, **{**defaults, **overrides})
+    return LMTrainer(
+        model=tiny_model(seed=1),
+        args=args,
+        train_dataset=data,
+        eval_dataset=eval_dataset,
+        data_collator=CausalLMCollator(0),
+    )
+
+
+def losses(trainer: LMTrainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+# -- the data state protocol ---------------------------------------------------------------------------------
+
+
+def test_data_state_is_found_by_its_methods_and_resumes_there(tmp_path):
+    assert isinstance(ToyStream(), ResumableData) and not isinstance(StateWithoutHistory(), ResumableData)
+    reference = make_trainer(tmp_path / "ref", ToyStream(), save_strategy="no")
+    reference.train()
+
+    make_trainer(tmp_path / "run", ToyStream()).train()
+    # 2 rows per step: the state after the rows trained on, not after the rows the loader read ahead
+    for step in (2, 4, 6):
+        saved = json.loads((tmp_path / "run" / f"checkpoint-{step}" / STREAM_POSITION).read_text())
+        assert saved == {"rows": 2 * step, "state": {"next": 2 * step}}
+
+    data = ToyStream()
+    resumed = make_trainer(tmp_path / "run", data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert data.loaded == [{"next": 8}] and data.first_rows == [8]  # no replay: iteration began at row 8
+    assert losses(resumed) == losses(reference)
+    assert resumed.args.ignore_data_skip is False  # set only while `train` ran
+
+
+def test_data_without_a_trained_position_saves_none(tmp_path):
+    make_trainer(tmp_path, StateWithoutHistory(), max_steps=2).train()
+    assert not (tmp_path / "checkpoint-2" / STREAM_POSITION).exists()
+
+
+# -- write errors, by errno ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def file_size_limit():
+    """Files of this process may not grow past 1024 bytes (EFBIG): a real failing write for every writer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_errno_of_oserrors_and_their_wrappers(tmp_path):
+    assert write_errno(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == errno.ENOSPC
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as err:
+            raise RuntimeError("saving failed") from err
+    except RuntimeError as wrapped:
+        assert write_errno(wrapped, tmp_path) == errno.EDQUOT
+    assert write_errno(ValueError("not a storage problem"), tmp_path) is None  # the probe write succeeds
+    assert list(tmp_path.iterdir()) == []  # and leaves nothing behind
+
+
+def test_errno_of_real_failed_writes(tmp_path, file_size_limit):
+    big = {"w": torch.zeros(1024)}  # 4 KiB of data
+    with pytest.raises(Exception) as safetensors_error:  # SafetensorError("... (os error 27)"), no OSError
+        save_file(big, tmp_path / "w.safetensors")
+    assert not isinstance(safetensors_error.value, OSError)
+    assert write_errno(safetensors_error.value, tmp_path) == errno.EFBIG
+    with pytest.raises(RuntimeError) as torch_error:  # torch.save's C++ writer keeps no errno: the probe finds it
+        torch.save(big, tmp_path / "w.pt")
+    assert write_errno(torch_error.value, tmp_path) == errno.EFBIG
+
+
+def test_real_failed_write_ends_in_one_message(tmp_path, file_size_limit):
+    trainer = make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=2)
+    with pytest.raises(LMKitError, match=r"could not write checkpoint-2 \(File too large\).*no complete checkpoint"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) == []
+
+
+def test_torch_save_without_errno_on_a_full_disk(tmp_path, monkeypatch):
+    make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=2).train()
+
+    def full_disk(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # as torch 2
+
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", full_disk)
+    monkeypatch.setattr("lmkit.checkpoint.os.write", no_space)  # the probe write sees the full disk
+    with pytest.raises(LMKitError, match=r"could not write checkpoint-4 \(no space left on device\).*checkpoint-2$"):
+        make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=4).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2")
+        )
+
+
+# -- rotation ------------------------------------------------------------------------------------------------
+
+
+def test_rotation_runs_once_per_save_and_keeps_newest_and_best(tmp_path, monkeypatch):
+    calls: dict[str, list] = {"stock": [], "lmkit": []}
+    for name, owner in (("stock", transformers.trainer), ("lmkit", lmkit.checkpoint)):
+        real = owner.rotate_checkpoints
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name].append(kw["save_total_limit"])
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(owner, "rotate_checkpoints", counted)
+    trainer = make_trainer(
+        tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=8, save_total_limit=1, eval_strategy="steps",
+        eval_steps=2, metric_for_best_model="loss", greater_is_better=True,
+        eval_dataset=Dataset.from_dict({"input_ids": ROWS[:8]}),
+    )  # fmt: skip
+    trainer.train()
+    assert calls == {"stock": [None] * 4, "lmkit": [1] * 4}  # the Trainer's own rotation does nothing
+    # the highest eval loss is the first one's: best and newest both stay, the end of training deletes neither
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    assert trainer.args.save_total_limit == 1  # given back after `train`, and as the user gave it in the checkpoint
+    saved_args = torch.load(tmp_path / "checkpoint-8" / "training_args.bin", weights_only=False)
+    assert saved_args.save_total_limit == 1
