@@ -8,7 +8,6 @@ does not fill a last block is dropped. Both the in-memory and the streaming path
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import glob
 import hashlib
@@ -16,7 +15,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.errors import LMKitError
+from lmkit.packing import cut_blocks, pack_document_batch, row_length, tokenize_documents
+from lmkit.rows import hold_out_indices, is_held_out, json_rows, text_row_problem, utf8_error_offset
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +188,10 @@ def _text_column(ds: Dataset | IterableDataset, column: str, field: str) -> Data
 def _diagnose(files: list[Path], builder: str, column: str, field: str) -> str | None:
     """The first user-fixable problem in ``files`` as a one-line message, or None. Only run after a failure."""
     for file in files:
-        if builder in ("text", "json") and (offset := _utf8_error_offset(file)) is not None:
+        if builder in ("text", "json") and (offset := utf8_error_offset(file)) is not None:
             return f"{field} {file}: not UTF-8 text (invalid byte at offset {offset})"
-        if builder == "json":
-            problem = _json_problem(file, column)
-            if problem:
-                return f"{field} {file}:{problem} (see --text_column)"
+        if builder == "json" and (problem := _json_problem(file, column, field)):
+            return f"{problem} (see --text_column)"
         if builder == "parquet":
             try:
                 names = pq.read_schema(file).names
@@ -203,56 +202,14 @@ def _diagnose(files: list[Path], builder: str, column: str, field: str) -> str |
     return None
 
 
-def _utf8_error_offset(file: Path, chunk_size: int = 1 << 20) -> int | None:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    position = 0
-    with open(file, "rb") as f:
-        while chunk := f.read(chunk_size):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:  # err.object = bytes held over from the last chunk + this chunk
-                return position + err.start - (len(err.object) - len(chunk))
-            position += len(chunk)
+def _json_problem(file: Path, column: str, field: str) -> str | None:
+    """``"FIELD FILE:WHERE: what is wrong"`` for the first row of a JSON file that is not JSON or not a document."""
     try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as err:  # a multi-byte character cut off by the end of the file
-        return position + err.start - len(err.object)
-    return None
-
-
-def _json_problem(file: Path, column: str) -> str | None:
-    """``"LINE: what is wrong"`` for the first bad JSON line (or ``"item N: ..."`` in a JSON array file)."""
-    with open(file, encoding="utf-8") as f:
-        if f.read(1024).lstrip().startswith("["):
-            f.seek(0)
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as err:
-                return f"{err.lineno}: not valid JSON ({err.msg})"
-            for i, row in enumerate(rows):
-                if (problem := _row_problem(row, column)) is not None:
-                    return f" item {i}: {problem}"
-            return None
-        f.seek(0)
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{lineno}: not valid JSON ({err.msg})"
-            if (problem := _row_problem(row, column)) is not None:
-                return f"{lineno}: {problem}"
-    return None
-
-
-def _row_problem(row: Any, column: str) -> str | None:
-    if not isinstance(row, dict):
-        return f"expected a JSON object with a {column!r} field, got {type(row).__name__}"
-    if column not in row:
-        return f"no {column!r} field"
-    if not isinstance(row[column], str):
-        return f"{column!r} is {type(row[column]).__name__}, not a string"
+        for where, row in json_rows(file, field):
+            if (problem := text_row_problem(row, column)) is not None:
+                return f"{field} {file}:{where}: {problem}"
+    except LMKitError as err:
+        return str(err)
     return None
 
 
@@ -285,32 +242,17 @@ def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: 
             _held_out, batched=True, input_columns="text", fn_kwargs={"seed": seed, "frac": fraction, "invert": True}
         )
         return keep, held
-    n = len(train)
-    n_val = max(1, round(n * fraction)) if fraction > 0 else 0
-    if n_val and n_val >= n:
-        raise LMKitError(
-            f"--validation_split {fraction}: the training data has only {n} document(s), too few to hold out "
-            "validation documents (pass --validation_files, or --sample_by paragraph/line)"
-        )
-    if data_args.split_mode == "tail":
-        return train.select(range(n - n_val)), train.select(range(n - n_val, n))
-    order = np.random.default_rng(seed).permutation(n)
-    # Both sides stay in corpus order, so neighbouring paragraphs stay neighbours inside a block.
-    return train.select(np.sort(order[n_val:])), train.select(np.sort(order[:n_val]))
+    keep, held = hold_out_indices(
+        len(train), fraction, seed, tail=data_args.split_mode == "tail", unit="document",
+        hint="pass --validation_files, or --sample_by paragraph/line",
+    )  # fmt: skip
+    return train.select(keep), train.select(held)
 
 
 def _held_out(texts: list[str], seed: int, frac: float, invert: bool = False) -> list[bool]:
     """For a stream: keep (train) or pick (validation, ``invert``) documents by a seeded hash of their text."""
     picked = [is_held_out(t, seed, frac) for t in texts]
     return picked if invert else [not p for p in picked]
-
-
-def is_held_out(text: str, seed: int, fraction: float) -> bool:
-    """Whether a streamed document (or SFT row) belongs to the validation split: a seeded hash of its text falls
-    below ``fraction``. Every rank and every pass over the stream agrees, with nothing counted or stored."""
-    salt = seed.to_bytes(8, "little", signed=True)
-    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=salt).digest()
-    return int.from_bytes(digest, "little") < int(fraction * 2**64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,7 +280,7 @@ def build_lm_datasets(
     """
     if tokenizer.eos_token_id is None:
         raise LMKitError("--tokenizer: the tokenizer has no EOS token to separate documents")
-    block_len = data_args.block_size + 1
+    block_len = row_length(data_args.block_size)
     if isinstance(raw["train"], IterableDataset):
         return _build_streaming(raw, tokenizer, data_args, block_len)
     token_hash = _tokenizer_hash(tokenizer)
@@ -390,7 +332,7 @@ def _tokenize_and_pack(
     return (
         tokenized.with_format("arrow")
         .map(
-            _pack_batch,
+            pack_document_batch,
             batched=True,
             batch_size=_PACK_BATCH,
             with_indices=True,
@@ -407,42 +349,10 @@ def _tokenize_and_pack(
 
 
 def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> pa.Table:
-    """``{"input_ids": list<int32>}``, one row per text with EOS appended, built as Arrow arrays directly: handing
-    `datasets` Python lists of ints would cost a second conversion per token."""
+    """``{"input_ids": list<int32>}``, one row per text with EOS appended (a `datasets.map` function)."""
     if any(t is None for t in texts):
         raise LMKitError("a document has no text (a null or missing text field; see --text_column)")
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # the Rust batch encoder without offsets: several times faster than __call__
-        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    else:
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = (tokenizer.eos_token_id,)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, ids), dtype=np.int32, count=len(ids)) + 1, out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(chain(doc, eos) for doc in ids), dtype=np.int32, count=int(offsets[-1]))
-    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
-
-
-def _pack_batch(batch: pa.Table, indices: list[int], tokens: Any, starts: np.ndarray, block_len: int) -> pa.Table:
-    first, end = indices[0], indices[-1] + 1
-    n_blocks = int(starts[-1]) // block_len
-    b0 = -(-int(starts[first]) // block_len)  # the first block starting at or after this batch's first token
-    b1 = min(-(-int(starts[end]) // block_len), n_blocks)
-    if b1 <= b0:
-        return _blocks_table(np.empty((0, block_len), dtype=np.int32))
-    lo, hi = b0 * block_len, b1 * block_len
-    d0 = int(np.searchsorted(starts, lo, side="right")) - 1  # documents [d0, d1) hold tokens [lo, hi)
-    d1 = int(np.searchsorted(starts, hi, side="left"))
-    flat = pc.list_flatten(tokens.column("input_ids").slice(d0, d1 - d0)).to_numpy()
-    offset = lo - int(starts[d0])
-    return _blocks_table(flat[offset : offset + hi - lo].reshape(-1, block_len))
-
-
-def _blocks_table(blocks: np.ndarray) -> pa.Table:
-    n, block_len = blocks.shape
-    offsets = np.arange(0, (n + 1) * block_len, block_len, dtype=np.int32)
-    values = pa.array(blocks.reshape(-1).astype(np.int32, copy=False))
-    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), values)})
+    return pa.table({"input_ids": tokenize_documents(texts, tokenizer)})
 
 
 def _tokenizer_hash(tokenizer: Any) -> str:
@@ -560,18 +470,15 @@ class PackedStream(torch.utils.data.IterableDataset):
         for batch in self.docs.iter(batch_size=_TOKENIZE_BATCH):
             next_base = self.docs.state_dict()  # where the next read batch begins
             docs = _tokenize_batch(batch["text"][skip_docs:], self.tokenizer).column("input_ids").combine_chunks()
-            tokens = docs.values.to_numpy()[skip_tokens:]
-            flat = np.concatenate([carry, tokens])
-            # starts[d]: where document skip_docs + d of this batch begins in `flat` (negative if partly used up)
+            # starts[d]: where document skip_docs + d of this batch begins after the carry (negative if partly used)
             starts = docs.offsets.to_numpy().astype(np.int64) + len(carry) - skip_tokens
-            n = len(flat) // block_len
-            for j in range(n):
+            blocks, carry = cut_blocks(np.concatenate([carry, docs.values.to_numpy()[skip_tokens:]]), block_len)
+            for j, block in enumerate(blocks):
                 end = (j + 1) * block_len
                 d = int(np.searchsorted(starts, end, side="right")) - 1
                 n_blocks += 1
                 self._positions.append(
                     {"docs": base, "skip_docs": skip_docs + d, "skip_tokens": end - int(starts[d]), "blocks": n_blocks}
                 )
-                yield {"input_ids": flat[end - block_len : end].tolist()}
-            carry = flat[n * block_len :]
+                yield {"input_ids": block.tolist()}
             base, skip_docs, skip_tokens = next_base, 0, 0

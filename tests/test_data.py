@@ -13,6 +13,7 @@ import lmkit.data as data
 from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.data import build_lm_datasets, load_raw_datasets, resolve_data_files
 from lmkit.errors import LMKitError
+from lmkit.rows import utf8_error_offset
 from lmkit.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,7 +308,7 @@ def test_second_run_loads_the_cache_without_tokenizing(tmp_path, twenty_docs, ch
     a = args(tmp_path, train_files=[str(twenty_docs)], validation_split=0.25, block_size=4)
     first = build_lm_datasets(load_raw_datasets(a, 0), char_tok, a)
     tokenize_calls = counting(monkeypatch, "_tokenize_batch")
-    pack_calls = counting(monkeypatch, "_pack_batch")
+    pack_calls = counting(monkeypatch, "pack_document_batch")
 
     again = build_lm_datasets(load_raw_datasets(a, 0), char_tok, a)
     assert tokenize_calls == [] and pack_calls == []
@@ -409,8 +410,8 @@ def test_no_validation_when_split_is_zero(tmp_path, twenty_docs, char_tok):
 
 def test_utf8_offset_is_exact_across_read_chunks(tmp_path):
     good = "é" * 10  # 2 bytes each: multi-byte characters straddle 3-byte chunks without being an error
-    assert data._utf8_error_offset(write(tmp_path / "ok.txt", good), chunk_size=3) is None
+    assert utf8_error_offset(write(tmp_path / "ok.txt", good), chunk_size=3) is None
     bad = write(tmp_path / "bad.txt", good.encode() + b"\xff" + b"tail")
-    assert data._utf8_error_offset(bad, chunk_size=3) == 20
+    assert utf8_error_offset(bad, chunk_size=3) == 20
     truncated = write(tmp_path / "cut.txt", good.encode() + "é".encode()[:1])
-    assert data._utf8_error_offset(truncated, chunk_size=3) == 20
+    assert utf8_error_offset(truncated, chunk_size=3) == 20

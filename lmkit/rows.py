@@ -1,0 +1,166 @@
+"""Reading, checking and holding out rows: the rules the pretraining, SFT and preference data share.
+
+- `json_rows` reads a JSON-lines file (or one holding a single JSON array) as (where, row) pairs; a file that is
+  not UTF-8 or not JSON raises `LMKitError` naming the flag, the file and the line (or byte offset).
+- One check per kind of row, each returning what is wrong (``None``: nothing): `text_row_problem` (a pretraining
+  document), `prompt_completion_problem` and `chat_problem` (SFT examples). Callers put the flag, file and line
+  in front: ``"--train_files FILE:LINE: PROBLEM"``.
+- The hold-out split: `hold_out_indices` for rows in memory (a seeded permutation, or the tail), `is_held_out` for
+  a stream (a seeded hash of the row's text, as a stream has no length to count from).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmkit.errors import LMKitError
+
+ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_json_array(file: Path) -> bool:
+    """Whether ``file`` holds one JSON array (read whole) rather than JSON lines (read, or streamed, by line)."""
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            return f.read(1024).lstrip().startswith("[")
+    except OSError:
+        return False
+
+
+def json_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
+    """(``"LINE"`` or ``"item N"``, parsed row) for a JSON-lines file or a file holding one JSON array.
+
+    Blank lines are skipped. Invalid JSON or UTF-8 raises `LMKitError` naming ``field`` (the flag), the file and
+    the line or byte offset.
+    """
+    try:
+        with open(file, encoding="utf-8") as f:
+            if is_json_array(file):
+                for i, row in enumerate(json.load(f)):
+                    yield f"item {i}", row
+                return
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise LMKitError(f"{field} {file}:{lineno}: not valid JSON ({err.msg})") from err
+                    yield str(lineno), row
+    except UnicodeDecodeError as err:
+        raise LMKitError(f"{field} {file}: not UTF-8 text (invalid byte at offset {utf8_error_offset(file)})") from err
+    except json.JSONDecodeError as err:
+        raise LMKitError(f"{field} {file}:{err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def utf8_error_offset(file: Path, chunk_size: int = 1 << 20) -> int | None:
+    """The byte offset of the first invalid UTF-8 byte in ``file`` (read in chunks), or None if it is all UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    position = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(chunk_size):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:  # err.object = bytes held over from the last chunk + this chunk
+                return position + err.start - (len(err.object) - len(chunk))
+            position += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:  # a multi-byte character cut off by the end of the file
+        return position + err.start - len(err.object)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def text_row_problem(row: Any, column: str) -> str | None:
+    """A pretraining document: an object whose ``column`` is a string."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object with a {column!r} field, got {type(row).__name__}"
+    if column not in row:
+        return f"no {column!r} field"
+    if not isinstance(row[column], str):
+        return f"{column!r} is {type(row[column]).__name__}, not a string"
+    return None
+
+
+def prompt_completion_problem(row: Any) -> str | None:
+    """An SFT example ``{"prompt": str, "completion": str}``."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for key in ("prompt", "completion"):
+        if key not in row:
+            return f"no {key!r} field (every row needs 'prompt' and 'completion', as the first row has)"
+        if not isinstance(row[key], str):
+            return f"{key!r} is {type(row[key]).__name__}, not a string"
+    return None
+
+
+def chat_problem(row: Any) -> str | None:
+    """An SFT conversation ``{"messages": [{"role", "content"}, ...]}`` with at least one assistant turn."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if "messages" not in row:
+        return "no 'messages' field (every row needs 'messages', as the first row has)"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {'role', 'content'} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"message {i} needs 'role' and 'content'"
+        if message["role"] not in ROLES:
+            return f"message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+        if not isinstance(message["content"], str):
+            return f"message {i}: 'content' is {type(message['content']).__name__}, not a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no 'assistant' message: nothing to learn"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Holding out
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def hold_out_indices(
+    n: int, fraction: float, seed: int, *, tail: bool = False, unit: str = "row", hint: str = "pass --validation_files"
+) -> tuple[Sequence[int], Sequence[int]]:
+    """(train, validation) indices of ``n`` rows, both ascending: ``round(n * fraction)`` rows (at least one if
+    ``fraction`` > 0) held out, picked by a permutation seeded with ``seed``, or the last ones with ``tail``.
+
+    Both sides stay in corpus order, so neighbouring rows stay neighbours (inside a packed block, for documents).
+    Holding out every row raises `LMKitError` that names ``--validation_split``, counts ``unit``s and ends in
+    ``hint``.
+    """
+    n_val = max(1, round(n * fraction)) if fraction > 0 else 0
+    if n_val and n_val >= n:
+        raise LMKitError(
+            f"--validation_split {fraction}: the training data has only {n} {unit}(s), too few to hold some out "
+            f"({hint})"
+        )
+    if tail:  # ranges: `Dataset.select` takes a contiguous range without an indices mapping
+        return range(n - n_val), range(n - n_val, n)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def is_held_out(text: str, seed: int, fraction: float) -> bool:
+    """Whether a streamed row belongs to the validation split: a seeded hash of its text falls below
+    ``fraction``. Every rank and every pass over the stream agrees, with nothing counted or stored."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=salt).digest()
+    return int.from_bytes(digest, "little") < int(fraction * 2**64)
