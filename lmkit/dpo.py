@@ -46,7 +46,8 @@ from lmkit.collator import IGNORE_INDEX
 from lmkit.data import FORMATS, resolve_data_files
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
-from lmkit.sft import ROLES, _chat_segments, _json_rows, tokenize_example  # sft's row reader and chat splitter
+from lmkit.rows import ROLES, json_rows
+from lmkit.sft import chat_segments, tokenize_example
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _file_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(pq.read_table(file).to_pylist()):
             yield f"row {i}", row
     elif FORMATS.get(file.suffix.lower()) == "json":
-        yield from _json_rows(file, field)
+        yield from json_rows(file, field)
     else:
         raise LMKitError(f"{field} {file}: preference data must be .jsonl, .json or .parquet")
 
@@ -222,7 +223,7 @@ def _tokenize_side(prompt: Any, answer: Any, tokenizer: PreTrainedTokenizerBase)
     input_ids: list[int] = []
     labels: list[int] = []
     done = 0
-    for text, learn in _chat_segments(prompt + answer, tokenizer):
+    for text, learn in chat_segments(prompt + answer, tokenizer):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         learn = learn and done >= n_prompt  # assistant turns inside the prompt are context, not scored
         done += len(text)

@@ -21,25 +21,29 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments
 from lmkit.collator import IGNORE_INDEX
-from lmkit.data import FORMATS, STREAMING_EVAL_BLOCKS, is_held_out, resolve_data_files, share_stream_across_ranks
+from lmkit.data import FORMATS, STREAMING_EVAL_BLOCKS, resolve_data_files, share_stream_across_ranks
 from lmkit.errors import LMKitError
+from lmkit.packing import pack_examples, row_length
+from lmkit.rows import chat_problem, hold_out_indices, is_held_out, is_json_array, json_rows, prompt_completion_problem
 
 logger = logging.getLogger(__name__)
 
 TEXT, PROMPT_COMPLETION, CHAT = "text", "prompt_completion", "chat"
-ROLES = ("system", "user", "assistant")
+_ROW_PROBLEM: dict[str, Callable[[Any], str | None]] = {
+    PROMPT_COMPLETION: prompt_completion_problem,
+    CHAT: chat_problem,
+}
 DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chatml.jinja"
 _MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # chat markers such as <|im_start|> inside a template file
 
@@ -53,7 +57,7 @@ def detect_format(files: list[Path]) -> str:
     """``"text"``, ``"prompt_completion"`` or ``"chat"``, from the first JSON row of the first file."""
     if FORMATS[files[0].suffix.lower()] != "json":
         return TEXT
-    for _, row in _json_rows(files[0], "--train_files"):
+    for _, row in json_rows(files[0], "--train_files"):
         if isinstance(row, dict) and "messages" in row:
             return CHAT
         if isinstance(row, dict) and ("prompt" in row or "completion" in row):
@@ -73,70 +77,14 @@ def read_sft_rows(files: list[Path], fmt: str, field: str) -> list[dict[str, Any
 def iter_sft_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str, Any]]:
     """`read_sft_rows` one row at a time: only the fields of ``fmt`` are kept."""
     for file in files:
-        for where, row in _json_rows(file, field):
-            problem = _row_problem(row, fmt)
+        for where, row in json_rows(file, field):
+            problem = _ROW_PROBLEM[fmt](row)
             if problem:
                 raise LMKitError(f"{field} {file}:{where}: {problem}")
             if fmt == CHAT:
                 yield {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
             else:
                 yield {"prompt": row["prompt"], "completion": row["completion"]}
-
-
-def _is_json_array(file: Path) -> bool:
-    try:
-        with open(file, encoding="utf-8", errors="replace") as f:
-            return f.read(1024).lstrip().startswith("[")
-    except OSError:
-        return False
-
-
-def _json_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
-    """(``"LINE"`` or ``"item N"``, parsed row) for a JSON-lines file or a file holding one JSON array."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            if _is_json_array(file):
-                for i, row in enumerate(json.load(f)):
-                    yield f"item {i}", row
-                return
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise LMKitError(f"{field} {file}:{lineno}: not valid JSON ({err.msg})") from err
-                    yield str(lineno), row
-    except UnicodeDecodeError as err:
-        raise LMKitError(f"{field} {file}: not UTF-8 text") from err
-    except json.JSONDecodeError as err:
-        raise LMKitError(f"{field} {file}:{err.lineno}: not valid JSON ({err.msg})") from err
-
-
-def _row_problem(row: Any, fmt: str) -> str | None:
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    if fmt == PROMPT_COMPLETION:
-        for key in ("prompt", "completion"):
-            if key not in row:
-                return f"no {key!r} field (every row needs 'prompt' and 'completion', as the first row has)"
-            if not isinstance(row[key], str):
-                return f"{key!r} is {type(row[key]).__name__}, not a string"
-        return None
-    if "messages" not in row:
-        return "no 'messages' field (every row needs 'messages', as the first row has)"
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {'role', 'content'} objects"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"message {i} needs 'role' and 'content'"
-        if message["role"] not in ROLES:
-            return f"message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
-        if not isinstance(message["content"], str):
-            return f"message {i}: 'content' is {type(message['content']).__name__}, not a string"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no 'assistant' message: nothing to learn"
-    return None
 
 
 def sft_format(data_args: DataArguments) -> str:
@@ -162,13 +110,9 @@ def load_sft_rows(data_args: DataArguments, seed: int) -> tuple[str, dict[str, l
         val_files = resolve_data_files(data_args.validation_files, "--validation_files")
         splits["validation"] = read_sft_rows(val_files, fmt, "--validation_files")
     else:
-        rows, fraction = splits["train"], data_args.validation_split
-        n_val = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
-        if n_val and n_val >= len(rows):
-            raise LMKitError(f"--validation_split {fraction}: {len(rows)} example(s) are too few to hold some out")
-        order = np.random.default_rng(seed).permutation(len(rows))
-        splits["train"] = [rows[i] for i in np.sort(order[n_val:])]
-        splits["validation"] = [rows[i] for i in np.sort(order[:n_val])]
+        rows = splits["train"]
+        keep, held = hold_out_indices(len(rows), data_args.validation_split, seed, unit="example")
+        splits["train"], splits["validation"] = [rows[i] for i in keep], [rows[i] for i in held]
     logger.info(
         "SFT data (%s): %d train, %d validation examples", fmt, len(splits["train"]), len(splits["validation"])
     )
@@ -210,7 +154,7 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
 
 
-def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+def chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_answer) pieces: each assistant turn is an answer piece.
 
     Works for any template that renders a conversation's prefix as a prefix of the whole (all common ones do):
@@ -255,7 +199,7 @@ def tokenize_example(
     """
     if "messages" in row:
         pieces = [(tokenizer(text, add_special_tokens=False)["input_ids"], learn) for text, learn in
-                  _chat_segments(row["messages"], tokenizer)]  # fmt: skip
+                  chat_segments(row["messages"], tokenizer)]  # fmt: skip
     else:
         prompt = tokenizer(row["prompt"])["input_ids"]  # with the tokenizer's usual leading specials (e.g. BOS)
         pieces = [(prompt, False), (tokenizer(row["completion"], add_special_tokens=False)["input_ids"], True)]
@@ -280,12 +224,12 @@ def build_sft_dataset(
     split: str = "train",
 ) -> Dataset:
     """Tokenize and mask ``rows``, drop examples over ``block_size + 1`` tokens (logged), pack when asked."""
-    max_tokens = block_size + 1
+    max_tokens = row_length(block_size)
     counts = _Counts()
     kept = list(_fitting((tokenize_example(row, tokenizer, train_on_prompt) for row in rows), max_tokens, counts))
     counts.report(split, max_tokens)
     if packing:
-        kept = pack_examples(kept, max_tokens, tokenizer.pad_token_id)
+        kept = list(pack_examples(kept, max_tokens, tokenizer.pad_token_id))
     logger.info("%s: %d examples -> %d rows%s", split, counts.kept, len(kept), " (packed)" * packing)
     return Dataset.from_list(kept)
 
@@ -313,42 +257,6 @@ def _fitting(examples: Iterable[dict[str, list[int]]], max_tokens: int, counts: 
         if len(example["input_ids"]) <= max_tokens:
             counts.kept += 1
             yield example
-
-
-def pack_examples(examples: list[dict[str, list[int]]], row_len: int, pad_token_id: int) -> list[dict[str, list[int]]]:
-    """Greedily fill rows of exactly ``row_len`` tokens with whole examples, in order; pad the rest.
-
-    Each example keeps its own ``position_ids`` (0, 1, ...), so attention (transformers finds the boundaries in
-    position_ids when there is no attention_mask) and rotary positions never cross examples. The first token of
-    each example is not a target (it would be predicted from the previous example), and padding forms its own run
-    of positions with no targets. All rows have the same length, so the collator adds no attention_mask.
-    """
-    return list(iter_packed(examples, row_len, pad_token_id))
-
-
-def iter_packed(
-    examples: Iterable[dict[str, list[int]]], row_len: int, pad_token_id: int
-) -> Iterator[dict[str, list[int]]]:
-    """`pack_examples` one row at a time, for a stream of examples."""
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-
-    def closed() -> dict[str, list[int]]:
-        free = row_len - len(current["input_ids"])
-        current["input_ids"] += [pad_token_id] * free
-        current["labels"] += [IGNORE_INDEX] * free
-        current["position_ids"] += list(range(free))
-        return current
-
-    for example in examples:
-        n = len(example["input_ids"])
-        if len(current["input_ids"]) + n > row_len:
-            yield closed()
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        yield closed()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +323,7 @@ def _streamed_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str
 
 def _check_streamable(files: list[Path], field: str) -> None:
     for file in files:
-        if _is_json_array(file):
+        if is_json_array(file):
             raise LMKitError(
                 f"--streaming: {field} {file} holds one JSON array, which can only be read whole; "
                 "write it as JSON lines (one object per line) to stream it"
@@ -431,7 +339,7 @@ class SFTStream(torch.utils.data.IterableDataset):
     masked and (with ``packing``) packed only when training asks for it, so nothing is held in memory.
 
     For the same rows it yields exactly the rows `build_sft_dataset` holds, in file order (a stream is not
-    shuffled). ``hold_out=(seed, fraction)`` skips the rows `lmkit.data.is_held_out` puts in the validation split.
+    shuffled). ``hold_out=(seed, fraction)`` skips the rows `lmkit.rows.is_held_out` puts in the validation split.
     Examples over ``block_size + 1`` tokens are dropped, and the count is logged at the end of every pass.
     A resumed run replays the stream up to its step: it keeps no position (`lmkit.checkpoint.ResumableData`),
     since packing carries examples across rows.
@@ -460,10 +368,10 @@ class SFTStream(torch.utils.data.IterableDataset):
         rows: Iterable[dict[str, Any]] = _streamed_rows(self.files, self.fmt, "--train_files")
         if self.hold_out is not None:
             rows = (row for row in rows if not is_held_out(_row_text(row), *self.hold_out))
-        max_tokens, counts = self.block_size + 1, _Counts()
+        max_tokens, counts = row_length(self.block_size), _Counts()
         examples = (tokenize_example(row, self.tokenizer, self.train_on_prompt) for row in rows)
         fitting = _fitting(examples, max_tokens, counts)
-        yield from iter_packed(fitting, max_tokens, self.tokenizer.pad_token_id) if self.packing else fitting
+        yield from pack_examples(fitting, max_tokens, self.tokenizer.pad_token_id) if self.packing else fitting
         if not counts.seen:
             raise LMKitError(f"--train_files: no training examples in {', '.join(map(str, self.files))}")
         counts.report("train", max_tokens)

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lmkit import LMForCausalLM
 from lmkit.collator import IGNORE_INDEX, CausalLMCollator
 from lmkit.errors import LMKitError
+from lmkit.packing import pack_examples
 from lmkit.sft import (
     CHAT,
     PROMPT_COMPLETION,
@@ -21,7 +22,6 @@ from lmkit.sft import (
     build_sft_datasets,
     detect_format,
     end_of_turn_token,
-    pack_examples,
     read_sft_rows,
     resolve_chat_template,
     tokenize_example,
@@ -106,7 +106,7 @@ def test_packing_restarts_positions_and_masks_boundaries():
         {"input_ids": [4, 5], "labels": [4, 5]},
         {"input_ids": [6, 7, 8, 9], "labels": [X, X, 8, 9]},
     ]
-    rows = pack_examples(examples, row_len=6, pad_token_id=0)
+    rows = list(pack_examples(examples, row_len=6, pad_token_id=0))
     assert rows == [
         {"input_ids": [1, 2, 3, 4, 5, 0], "labels": [X, 2, 3, X, 5, X], "position_ids": [0, 1, 2, 0, 1, 0]},
         {"input_ids": [6, 7, 8, 9, 0, 0], "labels": [X, X, 8, 9, X, X], "position_ids": [0, 1, 2, 3, 0, 1]},
@@ -144,9 +144,10 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tok, build, attn):
     ]
     examples = [tokenize_example(r, tok, train_on_prompt=True) for r in rows]
     collate = CausalLMCollator(pad_token_id=tok.pad_token_id)
+    packed_rows = list(pack_examples(examples, row_len=32, pad_token_id=tok.pad_token_id))
     with torch.no_grad():
         unpacked = _token_losses(model, collate(examples))  # padded, with attention_mask
-        packed = _token_losses(model, collate(pack_examples(examples, row_len=32, pad_token_id=tok.pad_token_id)))
+        packed = _token_losses(model, collate(packed_rows))
     start = 0
     for i, example in enumerate(examples):
         n = len(example["input_ids"]) - 1  # target positions of example i
@@ -154,7 +155,7 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tok, build, attn):
         torch.testing.assert_close(packed[0, start + 1 : start + n], unpacked[i, 1:n])
         start += n + 1
     # Without restarting positions the examples would see each other: a real check, not a tautology.
-    flat = collate(pack_examples(examples, row_len=32, pad_token_id=tok.pad_token_id))
+    flat = collate(packed_rows)
     del flat["position_ids"]
     with torch.no_grad():
         leaky = _token_losses(model, flat)
