@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmkit.errors import LMKitError
+from lmkit.packing import join_documents
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class TokenStream:
 
 
 def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> TokenStream:
-    """Every document's tokens followed by EOS, concatenated: the stream training packs into blocks.
+    """Every document's tokens followed by EOS, concatenated (`lmkit.packing.join_documents`, as training does).
 
     Bytes come from the text through the tokenizer's character offsets, so a document's tokens account for
     exactly its UTF-8 bytes (unknown-character tokens and characters split across byte-level tokens included).
@@ -64,7 +65,7 @@ def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> To
     """
     if tokenizer.eos_token_id is None:
         raise LMKitError("the tokenizer has no EOS token to separate documents")
-    stream = TokenStream([], [])
+    ids_per_doc, nbytes_per_doc = [], []
     for text in texts:
         if tokenizer.is_fast:
             encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -75,9 +76,11 @@ def token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> To
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             nbytes = [len(tokenizer.decode([i]).encode("utf-8")) for i in ids]
-        stream.ids += [*ids, tokenizer.eos_token_id]
-        stream.nbytes += [*nbytes, 0]
-    return stream
+        ids_per_doc.append(ids)
+        nbytes_per_doc.append(nbytes)
+    ids, _ = join_documents(ids_per_doc, tokenizer.eos_token_id)
+    nbytes, _ = join_documents(nbytes_per_doc, 0)  # the EOS after each document spells no text
+    return TokenStream(ids.tolist(), nbytes.tolist())
 
 
 def block_windows(n_tokens: int, context: int) -> list[Window]:
