@@ -9,7 +9,7 @@ inputs (``seq[:-1]``) and targets (``seq[1:]``). Rows are made in one of two way
   `datasets.map` batch of an Arrow table, the streaming path (`lmkit.data.PackedStream`) with `cut_blocks` and a
   carried tail; both give the blocks of one global concatenation.
 - examples (SFT): whole examples, which already end in EOS, placed in order into rows of that length without ever
-  being split (`iter_packed_examples`); the rest of each row, the last one included, is padding, and an example
+  being split (`pack_examples`); the rest of each row, the last one included, is padding, and an example
   longer than a row is the caller's to drop. Splitting would teach an answer without its question, and dropping
   a last part-filled row would lose whole examples.
 """
@@ -101,7 +101,7 @@ def _blocks_table(blocks: np.ndarray) -> pa.Table:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def iter_packed_examples(
+def pack_examples(
     examples: Iterable[dict[str, list[int]]], row_len: int, pad_token_id: int
 ) -> Iterator[dict[str, list[int]]]:
     """Greedily fill rows of exactly ``row_len`` tokens with whole examples, in order; pad the rest.
