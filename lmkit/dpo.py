@@ -602,6 +602,34 @@ def add_reference_logps(
     return dataset.add_column("ref_rejected_logps", rejected.tolist())
 
 
+def add_reference_logps_to_splits(
+    datasets: dict[str, Dataset],
+    ref_model: PreTrainedModel,
+    collator: PreferenceCollator,
+    args: Any,
+    *,
+    key: str,
+    cache_dir: Path,
+) -> dict[str, Dataset]:
+    """Every split of ``datasets`` with its reference log-probs (`add_reference_logps`), on ``args.device``.
+
+    Rank 0 scores and caches, the others then read the cache; under ZeRO-3 the sharded weights are gathered (a
+    collective), so every rank scores at once (the full model must fit one device for this pass).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    settings = {"batch_size": args.per_device_eval_batch_size, "bf16": bool(args.bf16)}
+    ref_model.to(args.device)
+    first = contextlib.nullcontext() if is_deepspeed_zero3_enabled() else args.main_process_first(local=False)
+    with first, full_parameters(ref_model):
+        return {
+            split: add_reference_logps(
+                data, ref_model, collator, key=key, cache_dir=cache_dir, split=split, **settings
+            )
+            for split, data in datasets.items()
+        }
+
+
 def check_reference_tokenizer(ref_tokenizer: PreTrainedTokenizerBase, tokenizer_vocab: dict[str, int], spec: str):
     """The reference must score the same token ids: its vocabulary must equal the policy tokenizer's (as saved)."""
     ref_vocab = ref_tokenizer.get_vocab()

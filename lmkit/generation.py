@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
 from lmkit.eval_args import GenerationArguments
+from lmkit.hub import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +71,15 @@ def generate(
     out = model.generate(**inputs, generation_config=config, streamer=streamer)  # (B, T_prompt + new)
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def sample_saved_model(model_dir: str, prompt: str, max_new_tokens: int) -> str:
+    """``prompt`` and a sampled continuation (temperature 0.8, top-k 50) from the model saved in ``model_dir``.
+
+    A training recipe's closing sample reloads what it saved: a consolidated model even after ZeRO-3 / FSDP, and a
+    check that the save loads.
+    """
+    model, tokenizer = load_checkpoint(model_dir)
+    sampling = GenerationArguments(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
+    (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer))
+    return prompt + completion

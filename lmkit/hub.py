@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from lmkit.checkpoint import MODEL_WEIGHTS, PICKLE_WEIGHTS, safetensors_problem
 from lmkit.errors import LMKitError
@@ -54,10 +55,20 @@ EVAL_FILES = ("evaluation.json", "eval_results.json")  # lmkit's evaluate.py, th
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def local_path(spec: str) -> Path | None:
+    """Where a model or tokenizer argument names a local path, that path; None for a hub id.
+
+    The one rule for "folder or hub id?": a path that exists, or that looks like one (starts with ``.``, ``/`` or
+    ``~``, or has more than one ``/``, which no hub id has), is local, whether or not it exists.
+    """
+    path = Path(spec).expanduser()
+    return path if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 else None
+
+
 def check_model_dir(spec: str) -> Path | None:
     """The local model folder ``spec`` names, checked for config, weights and tokenizer; None for a hub id."""
-    path = Path(spec).expanduser()
-    if not (path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+    path = local_path(spec)
+    if path is None:
         return None
     if not path.is_dir():
         raise LMKitError(f"--model {spec}: no such model folder")
@@ -74,14 +85,14 @@ def check_model_dir(spec: str) -> Path | None:
     return path
 
 
-def load_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model's config alone (no weights): enough to check flags against the model before loading it."""
-    check_model_dir(spec)
+def load_config(spec: str, trust_remote_code: bool = False, flag: str = "--model") -> PretrainedConfig:
+    """The config of the model at ``spec`` (a folder already checked, or a hub id) alone, no weights: enough to
+    check flags against the model before loading it. A failure raises `LMKitError` naming ``flag``."""
     try:
         return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise LMKitError(
-            f"--model {spec}: could not load its config ({type(err).__name__}: {_first_line(err)})"
+            f"{flag} {spec}: could not load its config ({type(err).__name__}: {_first_line(err)})"
         ) from err
 
 
@@ -140,7 +151,8 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def to_llama(model: LMForCausalLM) -> LlamaForCausalLM:
-    """The same network as transformers' native `LlamaForCausalLM`: a config translation, the weights as they are."""
+    """The same network as transformers' native `LlamaForCausalLM`: a config translation, the weights as they are
+    (shared with ``model``, not copied). It runs in memory as well as it saves."""
     c: LMConfig = model.config
     config = LlamaConfig(
         vocab_size=c.vocab_size,
@@ -164,8 +176,9 @@ def to_llama(model: LMForCausalLM) -> LlamaForCausalLM:
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
         dtype=model.dtype,
+        attn_implementation=c._attn_implementation,  # a runtime choice: config.json does not record it
     )
-    with torch.device("meta"):
+    with torch.device("meta"):  # no initial weights drawn: the model's own are assigned below
         llama = LlamaForCausalLM(config)
     state = model.state_dict()
     if c.tie_word_embeddings:
@@ -175,6 +188,8 @@ def to_llama(model: LMForCausalLM) -> LlamaForCausalLM:
     if missing or unexpected:
         raise LMKitError(f"--format llama: weights do not map onto Llama (missing {missing}, unexpected {unexpected})")
     llama.tie_weights()
+    # The rotary frequencies are computed buffers, not weights: the meta ones hold no data, so compute them.
+    llama.model.rotary_emb = LlamaRotaryEmbedding(config).to(model.device)
     llama.generation_config = model.generation_config
     return llama.eval()
 

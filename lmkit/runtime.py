@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from lmkit import launcher
 from lmkit.checkpoint import FINISHED_MODEL_FILES, check_resume_checkpoint, complete_checkpoints
@@ -21,6 +21,7 @@ from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, call_on_recipe_exit
 from lmkit.lock import OutputDirLock
 from lmkit.perf import keep_freed_memory
+from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,20 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
     return total
 
 
+def model_size(model: torch.nn.Module, without_embeddings: bool = False) -> str:
+    """A model's size as the start-up report gives it: ``"1,234 parameters"``, with ``without_embeddings`` followed
+    by the count without them (the usual scaling-law count): ``"1,234 parameters (1,000 without embeddings)"``."""
+    size = f"{num_parameters(model):,} parameters"
+    if without_embeddings:
+        size += f" ({num_parameters(model, exclude_embeddings=True):,} without embeddings)"
+    return size
+
+
+def tokens_per_step(args: TrainingArguments, block_size: int) -> int:
+    """Tokens in one optimizer step: batch x block x accumulation x ranks (at most, for padded batches)."""
+    return args.per_device_train_batch_size * block_size * args.gradient_accumulation_steps * args.world_size
+
+
 def _eval_of_final_step(trainer: Any) -> dict[str, float] | None:
     """The metrics of an evaluation the Trainer already ran on the final weights (an eval step that fell on the last
     step), so the end of the run does not score the same weights twice; None when there is none."""
@@ -291,3 +306,30 @@ def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
         metrics.update(eval_metrics)
     trainer.save_state()
     return metrics
+
+
+def train_and_save(
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    tokenizer: Any,
+    resume_from: str | None,
+    trainer_class: type[Trainer] | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, dict[str, float]]:
+    """The train and save steps of every training recipe: build the trainer (``trainer_class``, default
+    `LMTrainer`, given ``trainer_kwargs`` too), train from ``resume_from`` (None: a fresh start), then
+    `save_and_evaluate`. Returns the trainer and the metrics."""
+    trainer = (trainer_class or LMTrainer)(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, save_and_evaluate(trainer, train_result)

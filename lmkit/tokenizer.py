@@ -7,13 +7,14 @@ Every tokenizer this module returns has ``bos``, ``eos`` and ``pad`` tokens, wit
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmkit.errors import LMKitError
+from lmkit.hub import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ EOS_TOKEN = "<|endoftext|>"  # also the BOS token, as in GPT-2: one boundary mar
 PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"  # char tokenizer only: characters never seen in training; byte-level BPE needs none
 DEFAULT_VOCAB_SIZE = 8192
+VOCAB_MULTIPLE = 64  # a new model's embedding rows: the tokenizer's size rounded up to this
 _BATCH = 1000
 
 
@@ -68,6 +70,18 @@ def build_tokenizer(
     return _load(spec, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
+def model_vocab_size(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None, spec: str) -> int:
+    """The embedding rows a new model gets for ``tokenizer``: ``--vocab_size`` when given, else the tokenizer's size
+    rounded up to a multiple of 64 (matrix shapes that tile well on accelerators; the spare rows are never used).
+
+    A ``--vocab_size`` smaller than the tokenizer (``--tokenizer`` ``spec``) raises `LMKitError` naming both flags.
+    """
+    rows = vocab_size or VOCAB_MULTIPLE * math.ceil(len(tokenizer) / VOCAB_MULTIPLE)
+    if len(tokenizer) > rows:
+        raise LMKitError(f"--tokenizer {spec} has {len(tokenizer)} tokens, more than the model's --vocab_size {rows}")
+    return rows
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """A GPT-2 style byte-level BPE (no prefix space, so decoding is lossless) trained on ``texts``."""
     backend = Tokenizer(models.BPE())
@@ -112,12 +126,12 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _load(spec: str, *, trust_remote_code: bool, cache_dir: str | None) -> PreTrainedTokenizerFast:
-    looks_local = spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1
-    if looks_local and not Path(spec).expanduser().exists():
+    path = local_path(spec)
+    if path is not None and not path.exists():
         raise LMKitError(f"--tokenizer {spec}: no such file or directory (and not a hub id)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(spec).expanduser()) if looks_local else spec,
+            spec if path is None else str(path),
             trust_remote_code=trust_remote_code,
             cache_dir=cache_dir,
         )

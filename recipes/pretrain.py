@@ -11,29 +11,21 @@ Any field of ModelArguments, DataArguments or TrainingArguments can be set in th
 from __future__ import annotations
 
 import logging
-import math
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 
 from lmkit import LMConfig, LMForCausalLM
-from lmkit.args import (
-    DataArguments,
-    LMTrainingArguments,
-    ModelArguments,
-    check_streaming,
-    fit_block_size,
-    parse_args,
-)
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, parse_args
 from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
-from lmkit.errors import LMKitError, main_entry
+from lmkit.errors import main_entry
+from lmkit.generation import sample_saved_model
 from lmkit.perf import resolve_attn_implementation
-from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
-from lmkit.tokenizer import build_tokenizer
-from lmkit.trainer import LMTrainer
+from lmkit.runtime import model_size, prepare_run, tokens_per_step, train_and_save
+from lmkit.tokenizer import build_tokenizer, model_vocab_size
 
 logger = logging.getLogger("lmkit.pretrain")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -47,11 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args: DataArguments
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
-
-    def checks() -> None:  # before the start-up report: it shows the fitted values, and an error is the last line
-        check_streaming(data_args, args)
-        fit_block_size(data_args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
-
+    limit = "the model's --max_position_embeddings"
+    checks = partial(check_block_size, data_args, args, model_args.max_position_embeddings, limit)
     resume_from = prepare_run(args, model_args, data_args, checks=checks)
 
     # -- data and tokenizer -----------------------------------------------------------------------------------
@@ -62,12 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if data_args.streaming:  # a stream may be endless: train the tokenizer on its first documents only
             texts = islice(texts, STREAMING_TOKENIZER_DOCS)
         tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
-    vocab_size = model_args.vocab_size or 64 * math.ceil(len(tokenizer) / 64)
-    if len(tokenizer) > vocab_size:
-        raise LMKitError(
-            f"--tokenizer {data_args.tokenizer} has {len(tokenizer)} tokens, more than the model's "
-            f"--vocab_size {vocab_size}"
-        )
+    vocab_size = model_vocab_size(tokenizer, model_args.vocab_size, data_args.tokenizer)
     datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -85,46 +69,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Built whole on every rank, from the seed, so every mode starts from the same weights as one process
     # (zero.Init via `_from_config` draws other initial values). Fine while one copy fits in CPU memory.
     model = LMForCausalLM(config)
-    tokens_per_step = (
-        args.per_device_train_batch_size * data_args.block_size * args.gradient_accumulation_steps * args.world_size
-    )
     logger.info(
-        "model: %s parameters (%s without embeddings), %s attention; %s tokens per optimizer step; "
-        "%d train / %d eval blocks",
-        f"{num_parameters(model):,}",
-        f"{num_parameters(model, exclude_embeddings=True):,}",
+        "model: %s, %s attention; %s tokens per optimizer step; %d train / %d eval blocks",
+        model_size(model, without_embeddings=True),
         config._attn_implementation,
-        f"{tokens_per_step:,}",
+        f"{tokens_per_step(args, data_args.block_size):,}",
         len(datasets["train"]) if hasattr(datasets["train"], "__len__") else -1,
         len(datasets["validation"]),
     )
 
-    # -- train ------------------------------------------------------------------------------------------------
-    trainer = LMTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
-        processing_class=tokenizer,
+    # -- train, save and evaluate -----------------------------------------------------------------------------
+    collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+    trainer, metrics = train_and_save(
+        model, args, datasets["train"], datasets["validation"], collator, tokenizer, resume_from
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-
-    # -- save and evaluate ------------------------------------------------------------------------------------
-    metrics = save_and_evaluate(trainer, train_result)
-
     if args.sample_prompt and trainer.is_world_process_zero():
-        print_sample(args.output_dir, tokenizer, args.sample_prompt, args.sample_max_new_tokens)
+        sample = sample_saved_model(args.output_dir, args.sample_prompt, args.sample_max_new_tokens)
+        print(f"\n----- sample -----\n{sample}\n------------------")
     return metrics
-
-
-def print_sample(model_dir: str, tokenizer, prompt: str, max_new_tokens: int) -> None:
-    # Reload what was saved: a consolidated model even after ZeRO-3 / FSDP, and a check that the save loads.
-    model = LMForCausalLM.from_pretrained(model_dir).eval()
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, temperature=0.8)
-    print("\n----- sample -----\n" + tokenizer.decode(out[0], skip_special_tokens=True) + "\n------------------")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,25 @@ def test_fit_evaluation_turns_default_evaluation_off_and_refuses_asked_for_evalu
     *_, args = parse_args(argv=["--output_dir", str(tmp_path), "--eval_strategy", "no"], default_config=preset)
     fit_evaluation(args, "--validation_split 0.0 holds out no validation data")  # asked for no evaluation: fine
     assert args.eval_on_start is False
+
+
+def test_fit_length_fits_any_length_field_and_check_block_size_adds_the_streaming_rule(tmp_path):
+    from lmkit.args import DataArguments, LMTrainingArguments, check_block_size, fit_length
+    from lmkit.dpo_args import PreferenceArguments
+
+    (pref,) = parse_args((PreferenceArguments,), argv=[])  # max_length a default: it follows the model
+    default = pref.max_length
+    fit_length(pref, "max_length", default - 1, "the model's max_position_embeddings")
+    assert pref.max_length == default - 1
+    (pref,) = parse_args((PreferenceArguments,), argv=["--max_length", "512"])
+    with pytest.raises(LMKitError, match=r"^--max_length 512 exceeds the model's max_position_embeddings 256$"):
+        fit_length(pref, "max_length", 256, "the model's max_position_embeddings")
+
+    args = LMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=-1)
+    with pytest.raises(LMKitError, match="^--streaming needs --max_steps"):
+        check_block_size(DataArguments(streaming=True), args, None, "the model's max_position_embeddings")
+    data = DataArguments(block_size=256)  # built directly: explicit
+    with pytest.raises(LMKitError, match=r"^--block_size 256 exceeds the model's --max_position_embeddings 128$"):
+        check_block_size(data, args, 128, "the model's --max_position_embeddings")
+    check_block_size(data, args, None, "the model's max_position_embeddings")  # no limit: kept
+    assert data.block_size == 256

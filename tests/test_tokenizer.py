@@ -128,3 +128,16 @@ def test_folder_without_tokenizer_names_the_flag(tmp_path):
 def test_building_needs_texts(spec):
     with pytest.raises(LMKitError, match=f"--tokenizer {spec}"):
         build_tokenizer(spec, None, vocab_size=None)
+
+
+def test_model_vocab_size_rounds_up_to_64_and_refuses_a_smaller_vocab_size():
+    from lmkit.tokenizer import model_vocab_size
+
+    hundred = build_tokenizer("char", ["".join(chr(0x4E00 + i) for i in range(97))])  # 97 characters, eos, pad, unk
+    assert len(hundred) == 100
+    assert model_vocab_size(hundred, None, "char") == 128
+    assert model_vocab_size(hundred, 100, "char") == 100  # --vocab_size as given: no rounding
+    exactly = build_tokenizer("char", ["".join(chr(0x4E00 + i) for i in range(125))])
+    assert len(exactly) == 128 and model_vocab_size(exactly, None, "char") == 128
+    with pytest.raises(LMKitError, match=r"^--tokenizer char has 100 tokens, more than the model's --vocab_size 64$"):
+        model_vocab_size(hundred, 64, "char")
