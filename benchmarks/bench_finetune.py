@@ -9,7 +9,7 @@ One deterministic set of prompt/completion rows (Shakespeare snippets of varied 
 weights: an lmkit checkpoint (`LMForCausalLM`) saved once, and the same weights exported to a stock
 `LlamaForCausalLM` with `lmkit.hub.to_llama` for TRL. lmkit runs the pieces `recipes/finetune.py` wires together
 (`load_tokenizer`, `load_model`, `build_sft_datasets` on the rows' JSONL file, `apply_lora`, `LMTrainer`,
-`LabelsCollator`); TRL gets the same token ids pre-tokenized (``input_ids`` + ``completion_mask``,
+`CausalLMCollator`); TRL gets the same token ids pre-tokenized (``input_ids`` + ``completion_mask``,
 ``completion_only_loss=True``), so both learn exactly the same answer tokens. Same micro-batch, maximum length,
 dtype (``--dtype``: bf16 autocast or fp32), fused AdamW, constant learning rate, no warmup, no weight decay, clip
 1.0, no activation checkpointing (TRL's default turns it on; off on both), seed 0.
@@ -128,7 +128,8 @@ def child(spec: dict) -> dict:
         from transformers import set_seed
 
         from lmkit.args import DataArguments, LMTrainingArguments
-        from lmkit.finetune import LabelsCollator, apply_lora, load_model, load_tokenizer
+        from lmkit.collator import CausalLMCollator
+        from lmkit.finetune import apply_lora, load_model, load_tokenizer
         from lmkit.finetune_args import FinetuneArguments
         from lmkit.perf import resolve_attn_implementation
         from lmkit.runtime import configure_allocator
@@ -153,7 +154,7 @@ def child(spec: dict) -> dict:
         if lora:
             set_seed(0)  # the adapters' initial draw: SFTTrainer calls set_seed(args.seed) just before wrapping
             model = apply_lora(model, FinetuneArguments(use_lora=True, lora_r=16, lora_alpha=32, lora_dropout=0.05))
-        collator = LabelsCollator(pad_token_id=tokenizer.pad_token_id)
+        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
         if spec.get("padding_free"):
             collator = padding_free_collator
         collator = CountingCollator(collator, shifted=True)

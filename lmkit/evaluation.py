@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmkit.collator import IGNORE_INDEX, CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.packing import join_documents
 
 logger = logging.getLogger(__name__)
 
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "lm_loss")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -111,26 +111,22 @@ def score_windows(
 ) -> Iterator[dict[str, list]]:
     """Yield, per batch of windows, ``{"nats": [...], "tokens": [...], "bytes": [...]}`` (one entry per window).
 
-    The cross-entropy is taken in fp32 on the model's logits, as the model's own loss does. Rows of one batch are
-    right-padded only when their lengths differ, so equal blocks take the same attention path as in training.
+    Batches come from `CausalLMCollator`, as in training: rows are right-padded only when their lengths differ, so
+    equal blocks take the same attention path. The cross-entropy is taken in fp32 on the model's logits, as the
+    model's own loss does, against the batch's ``shift_labels``.
     """
     device = model.device
-    tokens = torch.tensor(stream.ids, dtype=torch.long)
+    collate = CausalLMCollator(pad_token_id)
     for b in range(0, len(windows), batch_size):
         batch = windows[b : b + batch_size]
-        width = max(w.end - w.start for w in batch) - 1
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, w in enumerate(batch):
-            n = w.end - w.start - 1
-            input_ids[row, :n] = tokens[w.start : w.end - 1]  # (n,)
-            targets[row, :n] = tokens[w.start + 1 : w.end]  # (n,) the token after each input position
-            targets[row, : w.first_scored - w.start - 1] = IGNORE_INDEX  # scored by an earlier window
-            mask[row, :n] = 1
-        inputs = {"input_ids": input_ids.to(device)}
-        if not bool(mask.all()):
-            inputs["attention_mask"] = mask.to(device)
+        rows = []
+        for w in batch:
+            ids = stream.ids[w.start : w.end]
+            scored = w.first_scored - w.start  # the targets before this one were scored by an earlier window
+            rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * scored + ids[scored:]})
+        collated = collate(rows)
+        inputs = {k: collated[k].to(device) for k in ("input_ids", "attention_mask") if k in collated}
+        targets = collated["shift_labels"]  # (B, T)
         logits = model(**inputs, use_cache=False).logits  # (B, T, vocab)
         nats = F.cross_entropy(
             logits.float().transpose(1, 2), targets.to(device), ignore_index=IGNORE_INDEX, reduction="none"

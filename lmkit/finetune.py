@@ -29,7 +29,6 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import lmkit  # noqa: F401  (registers the lmkit model with the Auto classes)
 from lmkit.args import ModelArguments
-from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.tokenizer import PAD_TOKEN
@@ -228,34 +227,6 @@ def add_stop_token(model: PreTrainedModel, token_id: int | None) -> None:
     eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     if token_id not in eos:
         config.eos_token_id = eos + [token_id]
-
-
-@dataclass
-class LabelsCollator(CausalLMCollator):
-    """`CausalLMCollator` whose batches also carry the (already shifted) targets as ``labels``.
-
-    transformers' own models (Llama, GPT-2, ...) compute a loss only when ``labels`` is given, and then take the
-    ``shift_labels`` that arrive in their kwargs as the targets, unshifted; lmkit's model prefers ``shift_labels``.
-    So any causal LM trains on exactly the collator's targets, and the shift still happens only in the collator.
-
-    Args:
-        width: pad every batch to exactly this many positions, always with an ``attention_mask``. Streamed SFT
-            batches need it: accelerate's dispatcher concatenates the batches of all ranks, which must have one
-            shape and the same keys (see `lmkit.data.share_stream_across_ranks`).
-    """
-
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.width is not None:
-            self.pad_to_multiple_of = self.width  # rows hold at most width + 1 tokens: one multiple, exactly
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(features)
-        if self.width is not None and "attention_mask" not in batch:
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        batch["labels"] = batch["shift_labels"]
-        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -70,14 +70,7 @@ class LMTrainer(Trainer):
         # Shape, not name, decides: works for any architecture (peft-wrapped included) without a list of patterns.
         return [name for name, param in model.named_parameters() if param.ndim >= 2]
 
-    # -- loss normalisation ----------------------------------------------------------------------------------
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        # The stock count only looks for a `labels` key; our targets arrive pre-shifted as `shift_labels`.
-        # Hand it views whose `labels` are those targets, so its cross-rank gather and scaling stay in use.
-        if batch_samples and "shift_labels" in batch_samples[0]:
-            batch_samples = [{"labels": b["shift_labels"], "shift_labels": b["shift_labels"]} for b in batch_samples]
-        return super()._get_num_items_in_batch(batch_samples, device)
-
+    # -- loss ------------------------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._interval_start is None:  # first step of this run (or of a resumed run): start the tokens/s clock
             self._interval_start = (time.perf_counter(), self.state.num_input_tokens_seen)

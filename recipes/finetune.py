@@ -32,10 +32,10 @@ from lmkit.args import (
     fit_evaluation,
     parse_args,
 )
+from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.errors import main_entry
 from lmkit.finetune import (
-    LabelsCollator,
     LoadedModel,
     add_stop_token,
     add_tokens,
@@ -120,14 +120,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
 
     # -- train ------------------------------------------------------------------------------------------------
-    # A stream of unpacked SFT examples pads every batch to --block_size (see LabelsCollator.width).
+    # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length).
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     trainer = LMTrainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
-        data_collator=LabelsCollator(pad_token_id=tokenizer.pad_token_id, width=stream_width),
+        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width),
         processing_class=tokenizer,
     )
     train_result = trainer.train(resume_from_checkpoint=resume_from)

@@ -24,7 +24,8 @@ from transformers import (
 
 from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import LMTrainingArguments
-from lmkit.finetune import LabelsCollator, add_tokens, apply_lora, load_model, load_tokenizer
+from lmkit.collator import CausalLMCollator
+from lmkit.finetune import add_tokens, apply_lora, load_model, load_tokenizer
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.sft import build_sft_dataset
 from lmkit.tokenizer import build_tokenizer
@@ -202,7 +203,7 @@ def test_lora_with_checkpointing_trains_adapters_and_leaves_base_untouched(lmkit
     catcher = FirstStepGrads(model)
     trainer = LMTrainer(
         model=model, args=args, train_dataset=build_sft_dataset(reversal_rows(train[:64]), tok, 32),
-        data_collator=LabelsCollator(pad_token_id=tok.pad_token_id), callbacks=[catcher],
+        data_collator=CausalLMCollator(pad_token_id=tok.pad_token_id), callbacks=[catcher],
     )  # fmt: skip
     trainer.train()
     assert model.base_model.model.model.layers[0].gradient_checkpointing  # the layers really were checkpointed
@@ -398,17 +399,15 @@ def test_lora_runs_reproduce_exactly(lmkit_base, tmp_path):
 
 @pytest.fixture
 def collated(monkeypatch) -> list[dict]:
-    """Every batch the recipe's LabelsCollator builds during the test, in order."""
-    import lmkit.finetune
-
+    """Every batch the recipe's CausalLMCollator builds during the test, in order."""
     batches: list[dict] = []
-    collate = lmkit.finetune.LabelsCollator.__call__
+    collate = CausalLMCollator.__call__
 
     def recording(self, features):
         batches.append(collate(self, features))
         return batches[-1]
 
-    monkeypatch.setattr(lmkit.finetune.LabelsCollator, "__call__", recording)
+    monkeypatch.setattr(CausalLMCollator, "__call__", recording)
     return batches
 
 
@@ -416,7 +415,7 @@ def _first_batches(base: Path, rows: list[dict], n_batches: int, batch_size: int
     """What the map-style path feeds for ``rows`` (unshuffled): its first batches, as the recipe collates them."""
     tok, _ = load_tokenizer(str(base))
     ds = build_sft_dataset(rows, tok, 32)
-    collate = LabelsCollator(pad_token_id=tok.pad_token_id, width=width)
+    collate = CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_length=width)
     return [collate([ds[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n_batches)]
 
 

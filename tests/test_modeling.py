@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import repeat_kv as llama_repeat_k
 from transformers.utils.generic import find_labels
 
 import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
+from lmkit.collator import CausalLMCollator
 from lmkit.modeling import LMConfig, LMForCausalLM, LMModel
 from lmkit.modeling.modeling_lmkit import repeat_kv
 
@@ -284,23 +285,20 @@ def test_loss_is_fp32_next_token_cross_entropy_in_bf16():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_shift_labels_are_not_shifted_again(training):
+def test_collator_targets_are_not_shifted_again(training):
+    # The collator's batch carries the targets as both `labels` and `shift_labels`: the model must take
+    # `shift_labels` as given. Were `labels` preferred, it would be shifted a second time.
     model = tiny_model(loss_chunk_size=4).train(training)
-    input_ids, _ = batch()
-    # lmkit's collator output for the same targets: shifted left, -100 after the last token.
-    shift_labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
-    assert shift_labels[0, -1] == shift_labels[1, -1] == -100
-
+    seqs, _ = batch()  # (2, 9)
+    collated = CausalLMCollator(pad_token_id=0)([{"input_ids": seq} for seq in seqs.tolist()])
     with torch.no_grad():
-        from_labels = model(input_ids, labels=input_ids).loss
-        from_shift_labels = model(input_ids, shift_labels=shift_labels).loss
-        shifted_twice = model(input_ids, labels=shift_labels).loss
-        logits = model.eval()(input_ids).logits
-    assert torch.equal(from_shift_labels, from_labels)  # the same targets through the same code
+        loss = model(**collated).loss
+        shifted_twice = model(collated["input_ids"], labels=collated["labels"]).loss
+        logits = model.eval()(seqs[:, :-1]).logits  # (2, 8, VOCAB)
     # fp32 defaults: in training the loss comes from the fused, chunked LM head rather than these logits.
-    expected = F.cross_entropy(logits.reshape(-1, VOCAB), shift_labels.reshape(-1), ignore_index=-100)
-    assert_close(from_shift_labels, expected)
-    assert not torch.allclose(shifted_twice, from_labels)
+    expected = F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
+    assert_close(loss, expected)
+    assert not torch.allclose(shifted_twice, expected)
 
 
 def test_trainer_sees_labels_as_the_only_label_column():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, cpu_args, tiny_model
+from conftest import TINY, VOCAB, cpu_args, tiny_model
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from lmkit.args import LMTrainingArguments
 from lmkit.collator import CausalLMCollator
@@ -54,18 +54,34 @@ def grads_after_one_step(tmp_path, batch_size: int, accumulation: int) -> dict[s
     return catcher.grads
 
 
-def test_accumulation_matches_one_big_batch(tmp_path):
-    # 4 micro-batches of 4 rows with ragged padding vs one batch of 16: the loss is normalised over all target
-    # tokens of the accumulated batch, so the gradients agree to float rounding.
-    big = grads_after_one_step(tmp_path / "a", batch_size=16, accumulation=1)
-    small = grads_after_one_step(tmp_path / "b", batch_size=4, accumulation=4)
+@pytest.mark.parametrize("rows, micro_batch, atol", [(16, 4, 1e-5), (4, 1, 1e-6)])
+def test_accumulation_matches_one_big_batch(tmp_path, rows, micro_batch, atol):
+    # Micro-batches with ragged padding (or, of one row each, none and unequal token counts) vs one batch of all
+    # rows: the stock Trainer counts the collator's targets over the accumulated batch (the batch's `labels` key
+    # lets it count `shift_labels`), so the gradients agree to float rounding. A per-micro-batch mean would not.
+    big = grads_after_one_step(tmp_path / "a", batch_size=rows, accumulation=1)
+    small = grads_after_one_step(tmp_path / "b", batch_size=micro_batch, accumulation=rows // micro_batch)
     assert big.keys() == small.keys()
     for name in big:
-        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(small[name], big[name], atol=atol, rtol=atol, msg=name)
 
 
-def test_loss_through_collator_and_trainer_has_no_double_shift(tmp_path):
-    model = tiny_model().eval()
+def test_gradient_accumulation_counts_every_target_token(tmp_path):
+    # The number the loss is divided by: all targets of the 4 micro-batches, not a per-micro-batch mean.
+    trainer = LMTrainer(model=tiny_model(), args=training_args(tmp_path), data_collator=CausalLMCollator(0))
+    batches = [trainer.data_collator([{"input_ids": list(range(1, n + 2))}]) for n in (3, 5, 8, 2)]
+    assert trainer._get_num_items_in_batch(batches, torch.device("cpu")) == 3 + 5 + 8 + 2
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **{k: v for k, v in TINY.items() if k != "loss_chunk_size"}))
+
+
+@pytest.mark.parametrize("build", [tiny_model, tiny_llama], ids=["lmkit", "llama"])
+def test_loss_through_collator_and_trainer_has_no_double_shift(tmp_path, build):
+    # transformers' own models read the same batch: a loss because `labels` is there, on `shift_labels` as given.
+    model = build().eval()
     seq = torch.tensor([5, 17, 3, 42, 8, 8, 61, 2, 9])
     batch = CausalLMCollator(pad_token_id=0)([{"input_ids": seq.tolist()}])
     trainer = LMTrainer(model=model, args=training_args(tmp_path), data_collator=CausalLMCollator(pad_token_id=0))
