@@ -16,6 +16,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,25 +290,122 @@ class DataWaitTimer:
     """Accumulates the time spent fetching batches, to report it as a fraction of the wall time of an interval.
 
     ``with timer: batch = next(it)`` adds the block's duration; ``timer.fraction()`` returns the waiting time over
-    the wall time since the last ``reset()`` (or creation) and ``reset()`` starts a new interval.
+    the wall time since the last ``reset()`` (or creation) and ``reset()`` starts a new interval. ``clock`` is
+    `time.perf_counter` except in tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
         self.waited = 0.0
-        self._interval_start = time.perf_counter()
+        self._interval_start = clock()
         self._entered = 0.0
 
     def __enter__(self) -> DataWaitTimer:
-        self._entered = time.perf_counter()
+        self._entered = self._clock()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.waited += time.perf_counter() - self._entered
+        self.waited += self._clock() - self._entered
 
     def fraction(self, now: float | None = None) -> float:
-        elapsed = (time.perf_counter() if now is None else now) - self._interval_start
+        elapsed = (self._clock() if now is None else now) - self._interval_start
         return self.waited / elapsed if elapsed > 0 else 0.0
 
     def reset(self, now: float | None = None) -> None:
         self.waited = 0.0
-        self._interval_start = time.perf_counter() if now is None else now
+        self._interval_start = self._clock() if now is None else now
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed meter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SpeedMeter:
+    """Tokens/s, MFU and the data-wait fraction of each logging interval of a training run: the trainer's speed logs.
+
+    ``start(tokens_seen)`` resolves the peak (`resolve_peak_flops`, once: a CPU measures for about a second) and
+    then starts the first interval, before the first batch is fetched; ``with meter.waiting_for_data():`` wraps
+    batch fetching; ``count(batch, config)`` adds the batch's training FLOPs; ``interval_logs(tokens_seen)`` returns
+    the interval's numbers and starts the next interval. All three numbers share one interval, so MFU x peak /
+    FLOPs-per-token gives the tokens/s back (when every rank counts the same tokens).
+
+    Args:
+        device: the device whose peak MFU is measured against (per device: FLOPs are counted on this rank).
+        dtype: the training dtype (bf16/fp16 or fp32 tensor-core rate).
+        peak_flops: a configured peak (``--peak_flops``); None looks it up or measures it.
+        clock: `time.perf_counter` except in tests.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        peak_flops: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.device, self.dtype, self._peak_override, self._clock = device, dtype, peak_flops, clock
+        self.peak_flops: float | None = None
+        self._data_wait = DataWaitTimer(clock)
+        self._interval_start: float | None = None
+        self._tokens_seen_at_start: int | None = None
+        self._flops = 0.0
+        self._flop_tokens = 0
+        self._counts_flops = True
+
+    @property
+    def started(self) -> bool:
+        return self._interval_start is not None
+
+    def start(self, tokens_seen: int | None) -> None:
+        """Resolve the peak (the first time) and start an interval; ``tokens_seen`` None: no tokens/s."""
+        if self.peak_flops is None:
+            self.peak_flops, source = resolve_peak_flops(self.device, self.dtype, self._peak_override)
+            logger.info(
+                "MFU is reported against a peak of %.2f TFLOP/s per device (%s, %s)",
+                self.peak_flops / 1e12, source, self.dtype,
+            )  # fmt: skip
+        self._restart(self._clock(), tokens_seen)
+
+    def waiting_for_data(self) -> DataWaitTimer:
+        """A context manager: the time spent inside it counts as waiting for data."""
+        return self._data_wait
+
+    def count(self, batch: Any, config: Any) -> None:
+        """Add the training FLOPs of a ``(B, T)`` ``input_ids`` batch for a model of ``config`` (any
+        `training_flops_per_token` knows; other architectures, or batches without ``input_ids``, give no MFU)."""
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not self._counts_flops or config is None or ids is None or ids.ndim != 2:
+            return
+        try:
+            per_token = training_flops_per_token(config, ids.shape[1])
+        except (AttributeError, TypeError):  # an architecture whose shape fields we do not know: no MFU
+            self._counts_flops = False
+            self._flops, self._flop_tokens = 0.0, 0
+            return
+        self._flops += ids.numel() * per_token
+        self._flop_tokens += ids.numel()
+
+    def interval_logs(self, tokens_seen: int | None, now: float | None = None) -> dict[str, float]:
+        """``tokens_per_second`` (from ``tokens_seen``, all ranks), ``mfu`` and ``mfu_peak_tflops`` (when FLOPs were
+        counted), ``data_wait_fraction`` over the interval since the last call (or `start`); then a new interval."""
+        if self._interval_start is None:
+            raise RuntimeError("SpeedMeter.interval_logs called before start()")
+        now = self._clock() if now is None else now
+        elapsed = now - self._interval_start
+        logs: dict[str, float] = {}
+        if elapsed > 0:
+            if tokens_seen is not None and self._tokens_seen_at_start is not None:
+                logs["tokens_per_second"] = round((tokens_seen - self._tokens_seen_at_start) / elapsed, 1)
+            if self._flop_tokens and self.peak_flops:
+                rate = self._flop_tokens / elapsed  # this rank's tokens/s
+                logs["mfu"] = round(mfu(rate, self._flops / self._flop_tokens, self.peak_flops), 4)
+                logs["mfu_peak_tflops"] = round(self.peak_flops / 1e12, 3)
+            logs["data_wait_fraction"] = round(self._data_wait.fraction(now), 4)
+        self._restart(now, tokens_seen)
+        return logs
+
+    def _restart(self, now: float, tokens_seen: int | None) -> None:
+        self._interval_start, self._tokens_seen_at_start = now, tokens_seen
+        self._data_wait.reset(now)
+        self._flops, self._flop_tokens = 0.0, 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from transformers import Trainer
 
 from lmkit import reliability
 from lmkit.checkpoint import Checkpointer, check_checkpoint_matches_model, complete_checkpoints
-from lmkit.perf import DataWaitTimer, resolve_peak_flops, training_flops_per_token
+from lmkit.perf import SpeedMeter
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +39,8 @@ class LMTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._interval_start: tuple[float, int] | None = None
-        self._data_wait = DataWaitTimer()
-        self._interval_flops = 0.0
-        self._peak: tuple[float, str] | None = None
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        self.speed = SpeedMeter(self.args.device, dtype, getattr(self.args, "peak_flops", None))
         self._staging_dir: str | None = None  # where `_save_checkpoint` writes while the checkpointer stages it
         self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
         self.add_callback(self.nonfinite_guard)
@@ -72,8 +69,6 @@ class LMTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        if self._interval_start is None:  # first step of this run (or of a resumed run): start the tokens/s clock
-            self._interval_start = (time.perf_counter(), self.state.num_input_tokens_seen)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe_loss(loss)
         return loss
@@ -121,29 +116,18 @@ class LMTrainer(Trainer):
         write = functools.partial(super().save_model, _internal_call=False)
         self.checkpointer.save_model(write, output_dir or self.args.output_dir)
 
-    # -- speed accounting ------------------------------------------------------------------------------------
+    # -- speed accounting (lmkit.perf.SpeedMeter) ------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
-        if self._peak is None:  # once, before the first step's clock starts (a CPU measures for about a second)
-            self._peak = self._resolve_peak()
-        with self._data_wait:
+        if not self.speed.started:  # first fetch of this run (or of a resumed run): the first interval starts here
+            self.speed.start(self._tokens_seen())
+        with self.speed.waiting_for_data():
             batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        config = getattr(self.model, "config", None)
         for batch in batch_samples:
-            ids = batch.get("input_ids") if isinstance(batch, dict) else None
-            if config is not None and ids is not None and ids.ndim == 2:
-                try:
-                    self._interval_flops += (
-                        ids.shape[0] * ids.shape[1] * training_flops_per_token(config, ids.shape[1])
-                    )
-                except (AttributeError, TypeError):  # an architecture whose shape fields we do not know: no MFU
-                    config = None
+            self.speed.count(batch, getattr(self.model, "config", None))
         return batch_samples, num_items_in_batch
 
-    def _resolve_peak(self) -> tuple[float, str]:
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        peak, source = resolve_peak_flops(self.args.device, dtype, getattr(self.args, "peak_flops", None))
-        logger.info("MFU is reported against a peak of %.2f TFLOP/s per device (%s, %s)", peak / 1e12, source, dtype)
-        return peak, source
+    def _tokens_seen(self) -> int | None:
+        return self.state.num_input_tokens_seen if self.args.include_num_input_tokens_seen != "no" else None
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -151,25 +135,8 @@ class LMTrainer(Trainer):
             if key in logs and math.isfinite(logs[key]):
                 prefix = "eval_" if key.startswith("eval_") else ""
                 logs[f"{prefix}perplexity"] = math.exp(min(logs[key], 50.0))
-        interval_t0 = self._interval_start[0] if self._interval_start is not None else None
-        if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
-            now, seen = time.perf_counter(), self.state.num_input_tokens_seen
-            if self._interval_start is not None:
-                t0, seen0 = self._interval_start
-                if now > t0:
-                    logs["tokens_per_second"] = round((seen - seen0) / (now - t0), 1)
-            self._interval_start = (now, seen)
-        if "loss" in logs and interval_t0 is not None:
-            now = time.perf_counter()
-            if self._peak is not None and self._interval_flops and now > interval_t0:
-                logs["mfu"] = round(self._interval_flops / (now - interval_t0) / self._peak[0], 4)
-                logs["mfu_peak_tflops"] = round(self._peak[0] / 1e12, 3)
-            if now > interval_t0:
-                logs["data_wait_fraction"] = round(self._data_wait.waited / (now - interval_t0), 4)
-            self._data_wait.reset(now)
-            self._interval_flops = 0.0
-            if self._interval_start is not None and self.args.include_num_input_tokens_seen == "no":
-                self._interval_start = (now, self._interval_start[1])
+        if "loss" in logs and self.speed.started:
+            logs.update(self.speed.interval_logs(self._tokens_seen()))
         if "loss" in logs:
             logs.update(self.nonfinite_guard.log_entries())
         super().log(logs, start_time)

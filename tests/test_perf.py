@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lmkit import LMConfig, LMForCausalLM
 from lmkit.collator import CausalLMCollator
 from lmkit.perf import (
     DataWaitTimer,
+    SpeedMeter,
     gpu_peak_flops,
     mfu,
     resolve_peak_flops,
@@ -233,15 +235,49 @@ def test_data_wait_timer_fraction():
     assert timer.waited == 0.0 and timer.fraction(now=103.0) == 0.0
 
 
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_speed_meter_logs_exact_numbers_with_a_fake_clock():
+    clock = FakeClock(100.0)
+    meter = SpeedMeter(torch.device("cpu"), torch.float32, peak_flops=1e9, clock=clock)
+    assert not meter.started
+    meter.start(tokens_seen=1_000)
+    assert meter.started and meter.peak_flops == 1e9
+    with meter.waiting_for_data():
+        clock.t = 100.5  # half a second fetching
+    for _ in range(3):  # 3 x 8 x 16 = 384 tokens x 651,648 FLOPs (test_flops_per_token_lmkit_exact)
+        meter.count({"input_ids": torch.zeros(8, 16, dtype=torch.long)}, perf_config())
+    meter.count({"input_ids": torch.zeros(16, dtype=torch.long)}, perf_config())  # not (B, T): not counted
+    clock.t = 102.0
+    # 1,128 - 1,000 tokens in 2 s; 250,232,832 FLOPs / 2 s / 1 GFLOP/s = 0.1251; 0.5 s of 2 s waiting for data
+    assert meter.interval_logs(tokens_seen=1_128) == {
+        "tokens_per_second": 64.0, "mfu": 0.1251, "mfu_peak_tflops": 0.001, "data_wait_fraction": 0.25,
+    }  # fmt: skip
+    clock.t = 106.0  # the next interval starts where the last ended: nothing fetched or counted, 4 s
+    assert meter.interval_logs(tokens_seen=1_228) == {"tokens_per_second": 25.0, "data_wait_fraction": 0.0}
+    meter.count({"input_ids": torch.zeros(8, 16, dtype=torch.long)}, SimpleNamespace(model_type="unknown"))
+    meter.count({"input_ids": torch.zeros(8, 16, dtype=torch.long)}, perf_config())  # no MFU once one failed
+    clock.t = 107.0
+    assert meter.interval_logs(tokens_seen=None) == {"data_wait_fraction": 0.0}  # no token count: no tokens/s
+
+
 def test_trainer_logs_mfu_and_data_wait(tmp_path):
     model, logged = train_logs(tmp_path, max_steps=4, logging_steps=2)  # peak_flops 1e9: 0.001 TFLOP/s
     steps = [log for log in logged if "loss" in log]
     assert len(steps) == 2
     for log in steps:
         assert log["mfu_peak_tflops"] == 0.001
-        # MFU = tokens/s x FLOPs/token / peak, so MFU x peak / FLOPs-per-token gives the logged tokens/s back.
-        implied = log["mfu"] * 1e9 / training_flops_per_token(model.config, T)
-        assert math.isclose(implied, log["tokens_per_second"], rel_tol=0.1)
+        # MFU = tokens/s x FLOPs/token / peak over the same interval, so MFU x peak / FLOPs-per-token gives the
+        # logged tokens/s back, up to the rounding of both logs (MFU to 4 decimals, tokens/s to 1).
+        per_token = training_flops_per_token(model.config, T)
+        implied = log["mfu"] * 1e9 / per_token
+        assert math.isclose(implied, log["tokens_per_second"], rel_tol=0, abs_tol=0.5e-4 * 1e9 / per_token + 0.05)
         assert 0.0 <= log["data_wait_fraction"] < 1.0
 
 
