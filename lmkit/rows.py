@@ -3,8 +3,8 @@
 - `json_rows` reads a JSON-lines file (or one holding a single JSON array) as (where, row) pairs; a file that is
   not UTF-8 or not JSON raises `LMKitError` naming the flag, the file and the line (or byte offset).
 - One check per kind of row, each returning what is wrong (``None``: nothing): `text_row_problem` (a pretraining
-  document), `prompt_completion_problem` and `chat_problem` (SFT examples). Callers put the flag, file and line
-  in front: ``"--train_files FILE:LINE: PROBLEM"``.
+  document), `prompt_completion_problem` and `chat_problem` (SFT examples), and `messages_problem` for the
+  messages of any conversation. Callers put the flag, file and line in front: ``"--train_files FILE:LINE: ..."``.
 - The hold-out split: `hold_out_indices` for rows in memory (a seeded permutation, or the tail), `is_held_out` for
   a stream (a seeded hash of the row's text, as a stream has no length to count from).
 """
@@ -119,6 +119,15 @@ def chat_problem(row: Any) -> str | None:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list of {'role', 'content'} objects"
+    if (problem := messages_problem(messages)) is not None:
+        return problem
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no 'assistant' message: nothing to learn"
+    return None
+
+
+def messages_problem(messages: list[Any]) -> str | None:
+    """The first message of a conversation that is not ``{"role": one of ROLES, "content": str}``."""
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return f"message {i} needs 'role' and 'content'"
@@ -126,8 +135,6 @@ def chat_problem(row: Any) -> str | None:
             return f"message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
         if not isinstance(message["content"], str):
             return f"message {i}: 'content' is {type(message['content']).__name__}, not a string"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no 'assistant' message: nothing to learn"
     return None
 
 

@@ -7,7 +7,14 @@ import pytest
 from lmkit.args import DataArguments
 from lmkit.data import load_raw_datasets
 from lmkit.errors import LMKitError
-from lmkit.rows import chat_problem, hold_out_indices, is_held_out, json_rows, prompt_completion_problem
+from lmkit.rows import (
+    chat_problem,
+    hold_out_indices,
+    is_held_out,
+    json_rows,
+    messages_problem,
+    prompt_completion_problem,
+)
 from lmkit.sft import PROMPT_COMPLETION, read_sft_rows
 
 
@@ -40,6 +47,10 @@ def test_one_check_per_row_kind():
     assert chat_problem({"messages": [{"role": "assistant", "content": "a"}]}) is None
     assert chat_problem({"messages": []}) == "'messages' must be a non-empty list of {'role', 'content'} objects"
     assert chat_problem({"messages": [{"role": "user", "content": 3}]}) == "message 0: 'content' is int, not a string"
+    bot = [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]
+    assert messages_problem(bot) == "message 1 has unknown role 'bot' (roles: system, user, assistant)"
+    assert messages_problem(bot[:1]) is None  # any conversation (a DPO prompt too); chat_problem wants an answer
+    assert chat_problem({"messages": bot[:1]}) == "no 'assistant' message: nothing to learn"
 
 
 def test_a_bad_item_of_a_json_array_is_named_alike_in_pretraining_and_sft(tmp_path):
