@@ -3,7 +3,8 @@
 ``load_raw_datasets`` gives "train" and "validation" splits with one column, "text" (one document per row).
 ``build_lm_datasets`` tokenizes them, appends EOS to every document, concatenates everything and cuts it into
 rows of exactly ``block_size + 1`` tokens (the collator shifts them into inputs and targets); only the tail that
-does not fill a last block is dropped. Both the in-memory and the streaming path produce the same blocks.
+does not fill a last block is dropped. Both the in-memory and the streaming path produce the same blocks, with the
+one packer of `lmkit.packing`; row checks and the hold-out split are `lmkit.rows`'.
 """
 
 from __future__ import annotations
