@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -31,6 +30,8 @@ import lmkit  # noqa: F401  (registers the lmkit model with the Auto classes)
 from lmkit.args import ModelArguments
 from lmkit.errors import LMKitError
 from lmkit.finetune_args import FinetuneArguments
+from lmkit.hub import load_config, local_path
+from lmkit.sft import end_of_turn_token
 from lmkit.tokenizer import PAD_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ def resolve_starting_point(spec: str | None) -> str:
     """Check ``--model_name_or_path``: a local folder must hold a model's config.json; anything else is a hub id."""
     if not spec:
         raise LMKitError("--model_name_or_path is required: the checkpoint folder or hub id to fine-tune")
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-            raise LMKitError(f"--model_name_or_path {spec}: no such directory (and not a hub id)")
+    path = local_path(spec)
+    if path is None:
         return spec
+    if not path.exists():
+        raise LMKitError(f"--model_name_or_path {spec}: no such directory (and not a hub id)")
     if not path.is_dir():
         raise LMKitError(f"--model_name_or_path {spec}: not a directory")
     if (path / "config.json").is_file():
@@ -67,14 +68,10 @@ def resolve_starting_point(spec: str | None) -> str:
     raise LMKitError(f"--model_name_or_path {spec}: no config.json, so not a model checkpoint folder{hint}")
 
 
-def load_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The config of the checkpoint at ``spec``: its shape and context length, before any weights are read."""
-    try:
-        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise LMKitError(
-            f"--model_name_or_path {spec}: could not load its config ({type(err).__name__}: {err})"
-        ) from err
+def load_starting_point(model_args: ModelArguments) -> tuple[str, PretrainedConfig]:
+    """``--model_name_or_path`` checked (`resolve_starting_point`) and its config, read before any weights."""
+    spec = resolve_starting_point(model_args.model_name_or_path)
+    return spec, load_config(spec, model_args.trust_remote_code, "--model_name_or_path")
 
 
 @dataclass
@@ -229,6 +226,36 @@ def add_stop_token(model: PreTrainedModel, token_id: int | None) -> None:
         config.eos_token_id = eos + [token_id]
 
 
+def prepare_model(
+    spec: str,
+    tokenizer: PreTrainedTokenizerBase,
+    n_saved: int,
+    new_special: list[str],
+    *,
+    tokenizer_spec: str | None = None,
+    chat: bool = False,
+    lora: FinetuneArguments | None = None,
+    activation_checkpointing: bool = False,
+    **load_kwargs: Any,
+) -> tuple[nn.Module, list[int]]:
+    """The model a run starts from, and the ids of the tokens added to it.
+
+    Loads ``spec`` (`load_model` with ``load_kwargs``), checks that the tokenizer as saved (``n_saved`` tokens, from
+    ``tokenizer_spec``, default ``spec``) fits it, adds ``new_special`` with mean embedding rows (`add_tokens`),
+    with ``chat`` makes generation stop at the chat template's end-of-turn marker too (looked up after the new
+    tokens exist: it is often one of them), and with ``lora`` wraps the model in adapters (`apply_lora`).
+    `merge_lora` rebuilds a run's base the same way, so the merged model has exactly the rows the run trained on.
+    """
+    model = load_model(spec, **load_kwargs)
+    check_vocab(model, n_saved, tokenizer_spec or spec)
+    new_ids = add_tokens(model, tokenizer, n_saved, new_special)
+    if chat:
+        add_stop_token(model, end_of_turn_token(tokenizer))
+    if lora is not None:
+        model = apply_lora(model, lora, new_token_ids=new_ids, activation_checkpointing=activation_checkpointing)
+    return model, new_ids
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +315,7 @@ def apply_lora(
 def merge_lora(
     base_spec: str, adapter_dir: str, out_dir: str | None = None, *, trust_remote_code: bool = False
 ) -> str:
-    """Load the base model again, add the run's tokens the same way, apply the saved adapter, merge, save.
+    """Build the base model again as the run did (`prepare_model`), apply the saved adapter, merge, save.
 
     Reloading (rather than merging the model in memory) gives a full-precision base even after QLoRA, and a
     consolidated model after ZeRO-3 / FSDP. Returns the folder the merged model and tokenizer were written to.
@@ -298,11 +325,10 @@ def merge_lora(
     out_dir = out_dir or str(Path(adapter_dir) / MERGED_DIR)
     base_tokenizer, n_saved = load_tokenizer(base_spec, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's tokenizer: pad, markers and template
-    base = load_model(base_spec, trust_remote_code=trust_remote_code)
     if len(tokenizer) < len(base_tokenizer):
         raise LMKitError(f"--merge_lora: the tokenizer in {adapter_dir} does not extend the base model's tokenizer")
     new_special = tokenizer.convert_ids_to_tokens(list(range(len(base_tokenizer), len(tokenizer))))
-    add_tokens(base, base_tokenizer, n_saved, new_special)
+    base, _ = prepare_model(base_spec, base_tokenizer, n_saved, new_special, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     model.generation_config = _generation_config(adapter_dir, model)
     model.save_pretrained(out_dir)

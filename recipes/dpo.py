@@ -14,23 +14,21 @@ and no second model stays in memory. Without --config this uses recipes/configs/
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
+from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, explicit_fields, fit_evaluation, parse_args
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, fit_length, parse_args
 from lmkit.dpo import (
     PreferenceCollator,
     PreferenceTrainer,
-    add_reference_logps,
+    add_reference_logps_to_splits,
     build_preference_dataset,
     cache_root,
     check_reference_tokenizer,
-    full_parameters,
     is_conversational,
     load_preference_rows,
     model_key,
@@ -39,20 +37,17 @@ from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError, main_entry
 from lmkit.finetune import (
     LoadedModel,
-    add_stop_token,
-    add_tokens,
     apply_lora,
-    check_vocab,
-    load_config,
-    load_model,
+    load_starting_point,
     load_tokenizer,
     merge_lora,
+    prepare_model,
     resolve_starting_point,
 )
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.perf import resolve_attn_implementation
-from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
-from lmkit.sft import end_of_turn_token, resolve_chat_template
+from lmkit.runtime import model_size, prepare_run, train_and_save
+from lmkit.sft import resolve_chat_template
 
 logger = logging.getLogger("lmkit.dpo")
 DEFAULT_DPO_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo.yaml"
@@ -67,16 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
     if ft_args.load_in_4bit:
         raise LMKitError("--load_in_4bit is not supported by recipes/dpo.py yet (use --use_lora)")
-    spec = resolve_starting_point(model_args.model_name_or_path)
+    spec, model_config = load_starting_point(model_args)
     ref_spec = resolve_starting_point(pref_args.ref_model_name_or_path) if pref_args.ref_model_name_or_path else None
-    model_config = load_config(spec, model_args.trust_remote_code)
     max_positions = getattr(model_config, "max_position_embeddings", None)
-    if max_positions is not None and pref_args.max_length > max_positions:
-        if "max_length" in explicit_fields(pref_args):
-            raise LMKitError(
-                f"--max_length {pref_args.max_length} exceeds the model's max_position_embeddings {max_positions}"
-            )
-        pref_args.max_length = max_positions  # a default follows the model (the start-up report shows it)
+    fit_length(pref_args, "max_length", max_positions, "the model's max_position_embeddings")  # report shows it
     resume_from = prepare_run(
         args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args, pref_args
     )
@@ -91,22 +80,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
-    def build(path: str):
-        model = load_model(
-            path,
-            attn_implementation=resolve_attn_implementation(
-                model_args.attn_implementation, args, pref_args.max_length
-            ),
-            trust_remote_code=model_args.trust_remote_code,
-        )
-        check_vocab(model, n_saved, tokenizer_spec)
-        return model
-
+    # The policy and a --ref_model_name_or_path reference are built alike: the same tokens added the same way.
+    build = partial(
+        prepare_model,
+        n_saved=n_saved,
+        new_special=new_special,
+        tokenizer_spec=tokenizer_spec,
+        attn_implementation=resolve_attn_implementation(model_args.attn_implementation, args, pref_args.max_length),
+        trust_remote_code=model_args.trust_remote_code,
+    )
     set_seed(args.seed)  # weights drawn here (LoRA adapters): the same flags, the same run
-    model = build(spec)
-    new_ids = add_tokens(model, tokenizer, n_saved, new_special)
-    if new_special:
-        add_stop_token(model, end_of_turn_token(tokenizer))
+    # No LoRA yet: under --use_lora the reference is this model before the adapter exists.
+    model, new_ids = build(spec, tokenizer, chat=bool(new_special))
     cache_dir = cache_root(data_args)
     datasets = {
         split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, cache_dir=cache_dir)
@@ -121,27 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if ref_spec is not None:
             ref_tokenizer, _ = load_tokenizer(ref_spec, model_args.trust_remote_code)
             check_reference_tokenizer(ref_tokenizer, saved_vocab, ref_spec)
-            ref_model = build(ref_spec)
-            add_tokens(ref_model, ref_tokenizer, n_saved, new_special)
+            ref_model, _ = build(ref_spec, ref_tokenizer)
         key = model_key(ref_spec or spec, extra=f"{new_special}|{model_args.attn_implementation}")
-        ref_model.to(args.device)
-        # Rank 0 scores and caches, the others then read the cache; under ZeRO-3 the sharded weights are gathered
-        # (a collective), so every rank scores at once (the full model must fit one device for this pass).
-        first = contextlib.nullcontext() if is_deepspeed_zero3_enabled() else args.main_process_first(local=False)
-        with first, full_parameters(ref_model):
-            datasets = {
-                split: add_reference_logps(
-                    data,
-                    ref_model,
-                    collator,
-                    key=key,
-                    cache_dir=cache_dir,
-                    split=split,
-                    batch_size=args.per_device_eval_batch_size,
-                    bf16=bool(args.bf16),
-                )  # fmt: skip
-                for split, data in datasets.items()
-            }
+        datasets = add_reference_logps_to_splits(datasets, ref_model, collator, args, key=key, cache_dir=cache_dir)
         del ref_model
         gc.collect()
 
@@ -152,32 +119,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model, ft_args, new_token_ids=new_ids, activation_checkpointing=args.activation_checkpointing
         )
     logger.info(
-        "model: %s parameters; loss %s (beta %g); %d train / %d eval pairs",
-        f"{num_parameters(model):,}", pref_args.loss_type, pref_args.beta, len(datasets["train"]),
+        "model: %s; loss %s (beta %g); %d train / %d eval pairs",
+        model_size(model), pref_args.loss_type, pref_args.beta, len(datasets["train"]),
         len(datasets.get("validation") or []),
     )  # fmt: skip
 
-    # -- train ------------------------------------------------------------------------------------------------
-    trainer = PreferenceTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets.get("validation"),
-        data_collator=collator,
-        processing_class=tokenizer,
-        preference_args=pref_args,
-    )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-
-    # -- save and evaluate ------------------------------------------------------------------------------------
-    metrics = save_and_evaluate(trainer, train_result)
+    # -- train, save and evaluate -----------------------------------------------------------------------------
+    trainer, metrics = train_and_save(
+        model, args, datasets["train"], datasets.get("validation"), collator, tokenizer, resume_from,
+        trainer_class=PreferenceTrainer, preference_args=pref_args,
+    )  # fmt: skip
     if ft_args.merge_lora and trainer.is_world_process_zero():
-        merge_lora(
-            spec,
-            args.output_dir,
-            str(Path(args.output_dir) / "merged"),
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        merge_lora(spec, args.output_dir, trust_remote_code=model_args.trust_remote_code)
     return metrics
 
 

@@ -19,6 +19,7 @@ from rank 0; see lmkit.data.share_stream_across_ranks).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
@@ -27,31 +28,18 @@ from lmkit.args import (
     DataArguments,
     LMTrainingArguments,
     ModelArguments,
-    check_streaming,
-    fit_block_size,
+    check_block_size,
     fit_evaluation,
     parse_args,
 )
 from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.errors import main_entry
-from lmkit.finetune import (
-    LoadedModel,
-    add_stop_token,
-    add_tokens,
-    apply_lora,
-    check_vocab,
-    load_config,
-    load_model,
-    load_tokenizer,
-    merge_lora,
-    resolve_starting_point,
-)
+from lmkit.finetune import LoadedModel, load_starting_point, load_tokenizer, merge_lora, prepare_model
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.perf import resolve_attn_implementation
-from lmkit.runtime import num_parameters, prepare_run, save_and_evaluate
-from lmkit.sft import CHAT, TEXT, build_sft_datasets, end_of_turn_token, resolve_chat_template, sft_format
-from lmkit.trainer import LMTrainer
+from lmkit.runtime import model_size, prepare_run, train_and_save
+from lmkit.sft import CHAT, TEXT, build_sft_datasets, resolve_chat_template, sft_format
 
 logger = logging.getLogger("lmkit.finetune")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft-full.yaml"
@@ -67,14 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, ft_args, args = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments), argv, DEFAULT_SFT_CONFIG
     )
-    spec = resolve_starting_point(model_args.model_name_or_path)
-    model_config = load_config(spec, model_args.trust_remote_code)
-
-    def checks() -> None:  # before the start-up report: it shows the fitted values, and an error is the last line
-        check_streaming(data_args, args)
-        max_positions = getattr(model_config, "max_position_embeddings", None)
-        fit_block_size(data_args, max_positions, "the model's max_position_embeddings")
-
+    spec, model_config = load_starting_point(model_args)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    checks = partial(check_block_size, data_args, args, max_positions, "the model's max_position_embeddings")
     model_report = LoadedModel.describe(model_args, spec, model_config)
     resume_from = prepare_run(args, model_report, data_args, ft_args, checks=checks)
 
@@ -88,17 +71,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- model ------------------------------------------------------------------------------------------------
     set_seed(args.seed)  # weights drawn here (LoRA adapters, any the checkpoint lacks): the same flags, the same run
-    model = load_model(
+    model, _ = prepare_model(
         spec,
+        tokenizer,
+        n_saved,
+        new_special,
+        tokenizer_spec=tokenizer_spec,
+        chat=fmt == CHAT,
+        lora=ft_args if ft_args.use_lora else None,
+        activation_checkpointing=args.activation_checkpointing,
         attn_implementation=resolve_attn_implementation(model_args.attn_implementation, args, data_args.block_size),
         trust_remote_code=model_args.trust_remote_code,
         load_in_4bit=ft_args.load_in_4bit,
     )
-    check_vocab(model, n_saved, tokenizer_spec)
-    new_ids = add_tokens(model, tokenizer, n_saved, new_special)
-    if fmt == CHAT:
-        add_stop_token(model, end_of_turn_token(tokenizer))
 
+    # -- data -------------------------------------------------------------------------------------------------
     if fmt == TEXT:  # continued pretraining: the pretraining pipeline, packed blocks of --block_size + 1
         raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=args.main_process_first)
         datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
@@ -109,38 +96,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if datasets["validation"] is None or len(datasets["validation"]) == 0:
         datasets["validation"] = None
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
-    if ft_args.use_lora:
-        model = apply_lora(
-            model, ft_args, new_token_ids=new_ids, activation_checkpointing=args.activation_checkpointing
-        )
     train_rows = "streamed" if data_args.streaming else f"{len(datasets['train']):,}"
     logger.info(
-        "model: %s parameters; data: %s, %s train / %d eval rows",
-        f"{num_parameters(model):,}", fmt, train_rows, len(datasets["validation"] or []),
+        "model: %s; data: %s, %s train / %d eval rows",
+        model_size(model), fmt, train_rows, len(datasets["validation"] or []),
     )  # fmt: skip
 
-    # -- train ------------------------------------------------------------------------------------------------
+    # -- train, save and evaluate -----------------------------------------------------------------------------
     # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length).
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
-    trainer = LMTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
+    trainer, metrics = train_and_save(
+        model,
+        args,
+        datasets["train"],
+        datasets["validation"],
         data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width),
-        processing_class=tokenizer,
+        tokenizer=tokenizer,
+        resume_from=resume_from,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-
-    # -- save and evaluate ------------------------------------------------------------------------------------
-    metrics = save_and_evaluate(trainer, train_result)
     if ft_args.merge_lora and trainer.is_world_process_zero():
-        merge_lora(
-            spec,
-            args.output_dir,
-            str(Path(args.output_dir) / "merged"),
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        merge_lora(spec, args.output_dir, trust_remote_code=model_args.trust_remote_code)
     return metrics
 
 

@@ -595,3 +595,50 @@ def test_finished_output_dir_is_not_overwritten(lmkit_base, tmp_path, capsys):
         run("--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", out)
     assert "already holds a finished model" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
+
+
+# -- prepare_model: the starting model of finetune.py, dpo.py and merge_lora --------------------------------------
+
+
+def test_prepare_model_adds_mean_rows_the_stop_marker_and_adapters(tmp_path):
+    import re
+
+    from lmkit.finetune import prepare_model
+    from lmkit.sft import resolve_chat_template
+
+    base_dir = str(save_hf_model(tmp_path / "llama", "llama"))  # 32 rows, untied head
+    tokenizer, n_saved = load_tokenizer(base_dir)
+    tokenizer.chat_template, new_special = resolve_chat_template(None, tokenizer)  # lmkit's ChatML file
+    assert (n_saved, new_special) == (32, ["<|im_start|>", "<|im_end|>"])
+    model, new_ids = prepare_model(base_dir, tokenizer, n_saved, new_special, chat=True)
+    assert new_ids == [32, 33] and tokenizer.convert_tokens_to_ids(new_special) == [32, 33]
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert weight.shape == (34, 32)
+        mean = weight[:32].mean(dim=0)
+        assert torch.equal(weight[32], mean) and torch.equal(weight[33], mean)
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, 33]  # stops at <|im_end|> too
+
+    plain, _ = prepare_model(base_dir, *load_tokenizer(base_dir), [])  # no chat: nothing added, EOS alone stops
+    assert plain.get_input_embeddings().num_embeddings == 32
+    assert plain.generation_config.eos_token_id == tokenizer.eos_token_id
+
+    tokenizer, n_saved = load_tokenizer(base_dir)
+    lora = FinetuneArguments(use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"])
+    adapted, new_ids = prepare_model(base_dir, tokenizer, n_saved, new_special, lora=lora)
+    trainable = {re.sub(r"\.\d+\.", ".N.", n) for n, p in adapted.named_parameters() if p.requires_grad}
+    assert new_ids == [32, 33]
+    assert trainable == {  # the adapters, and the new tokens' embedding rows
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default",
+        *(f"base_model.model.model.layers.N.self_attn.{m}.lora_{ab}.default.weight" for m in ("q_proj", "v_proj")
+          for ab in "AB"),
+    }  # fmt: skip
+
+
+def test_prepare_model_refuses_a_tokenizer_bigger_than_the_embedding(tmp_path):
+    from lmkit.errors import LMKitError
+    from lmkit.finetune import prepare_model
+
+    small = str(save_hf_model(tmp_path / "small", "llama", vocab_size=16))  # its tokenizer has 32 tokens
+    tokenizer, n_saved = load_tokenizer(small)
+    with pytest.raises(LMKitError, match=r"^--model_name_or_path tok: the tokenizer has 32 tokens but the model's "):
+        prepare_model(small, tokenizer, n_saved, [], tokenizer_spec="tok")

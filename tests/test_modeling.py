@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import repeat_kv as llama_repeat_kv
 from transformers.utils.generic import find_labels
 
 import lmkit  # noqa: F401  (registers LMConfig / LMForCausalLM with the Auto classes)
 from lmkit.collator import CausalLMCollator
+from lmkit.hub import to_llama
 from lmkit.modeling import LMConfig, LMForCausalLM, LMModel
 from lmkit.modeling.modeling_lmkit import repeat_kv
 
@@ -44,28 +45,8 @@ def tiny_model(**overrides) -> LMForCausalLM:
 
 
 def llama_twin(model: LMForCausalLM) -> LlamaForCausalLM:
-    """transformers' LlamaForCausalLM with the same shape and a copy of `model`'s weights."""
-    c = model.config
-    llama_config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_parameters=dict(c.rope_parameters),
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings,
-        attention_dropout=c.attention_dropout,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        attn_implementation=c._attn_implementation,
-    )
-    llama = LlamaForCausalLM(llama_config)
-    llama.load_state_dict(model.state_dict(), strict=True)
-    return llama.train(model.training)
+    """transformers' LlamaForCausalLM with `model`'s shape and weights: publish.py's conversion (`lmkit.hub.to_llama`)."""
+    return to_llama(model).train(model.training)
 
 
 def batch(seed: int = 1, B: int = 2, T: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
