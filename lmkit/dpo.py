@@ -46,7 +46,7 @@ from lmkit.collator import IGNORE_INDEX
 from lmkit.data import FORMATS, resolve_data_files
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
-from lmkit.rows import ROLES, json_rows
+from lmkit.rows import hold_out_indices, json_rows, messages_problem
 from lmkit.sft import chat_segments, tokenize_example
 from lmkit.trainer import LMTrainer
 
@@ -64,14 +64,8 @@ _CHUNK_LOGITS = 2**25  # logits per chunk of the LM head (as the model's own fus
 def _messages_problem(value: Any, key: str) -> str | None:
     if not isinstance(value, list):
         return f"{key!r} must be a string or a list of {{'role', 'content'}} messages"
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"{key!r} message {i} needs 'role' and 'content'"
-        if message["role"] not in ROLES:
-            return f"{key!r} message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
-        if not isinstance(message["content"], str):
-            return f"{key!r} message {i}: 'content' is {type(message['content']).__name__}, not a string"
-    return None
+    problem = messages_problem(value)
+    return f"{key!r} {problem}" if problem else None
 
 
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -161,8 +155,6 @@ def load_preference_rows(data_args: DataArguments, seed: int) -> dict[str, list[
     Without validation files (or a hub validation/test split), ``--validation_split`` of the pairs is held out at
     random with ``seed``. Pairs whose chosen equals rejected are dropped with a warning that counts them.
     """
-    import numpy as np
-
     splits: dict[str, list[dict[str, Any]]] = {}
     if data_args.dataset_name is not None:
         from datasets import load_dataset
@@ -187,13 +179,9 @@ def load_preference_rows(data_args: DataArguments, seed: int) -> dict[str, list[
     if not splits["train"]:
         raise LMKitError("training data: no preference pairs left (every pair's chosen equals its rejected)")
     if "validation" not in splits:
-        rows, fraction = splits["train"], data_args.validation_split
-        n_val = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
-        if n_val and n_val >= len(rows):
-            raise LMKitError(f"--validation_split {fraction}: {len(rows)} pair(s) are too few to hold some out")
-        order = np.random.default_rng(seed).permutation(len(rows))
-        splits["train"] = [rows[i] for i in np.sort(order[n_val:])]
-        splits["validation"] = [rows[i] for i in np.sort(order[:n_val])]
+        rows = splits["train"]
+        train, validation = hold_out_indices(len(rows), data_args.validation_split, seed, unit="pair")
+        splits["train"], splits["validation"] = [rows[i] for i in train], [rows[i] for i in validation]
     logger.info("preference pairs: %d train, %d validation", len(splits["train"]), len(splits["validation"]))
     return splits
 
