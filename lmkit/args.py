@@ -161,6 +161,13 @@ class DataArguments:
             "or a path / hub id of an existing tokenizer."
         },
     )
+    tokenized_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder written by recipes/preprocess.py: train on its packed blocks and tokenizer, without "
+            "reading raw text or tokenizing (instead of --train_files / --dataset_name)."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -176,6 +183,13 @@ class DataArguments:
             problems.append(f"--max_eval_blocks must be positive, got {self.max_eval_blocks}")
         if self.train_files is not None and not self.train_files:
             problems.append("--train_files is empty")
+        if self.tokenized_dataset is not None:
+            sources = ("train_files", "dataset_name", "datasets")
+            clash = [f"--{name}" for name in sources if getattr(self, name, None) is not None]
+            if self.streaming:
+                clash.append("--streaming")
+            if clash:
+                problems.append(f"--tokenized_dataset is already tokenized: drop {' and '.join(clash)}")
         if problems:
             raise LMKitError("; ".join(problems))
 

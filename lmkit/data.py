@@ -483,3 +483,83 @@ class PackedStream(torch.utils.data.IterableDataset):
                 )
                 yield {"input_ids": block.tolist()}
             base, skip_docs, skip_tokens = next_base, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenized datasets: packed blocks written once by recipes/preprocess.py (lmkit.preprocess), loaded by every rank
+# ---------------------------------------------------------------------------------------------------------------
+
+TOKENIZED_MANIFEST = "manifest.json"
+TOKENIZED_FORMAT = "lmkit-tokenized-1"
+TOKENIZED_TOKENIZER = "tokenizer"  # the tokenizer's folder inside a tokenized dataset
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """The hash that keys the tokenize cache and a tokenized dataset's manifest: the same ids for the same text."""
+    return _tokenizer_hash(tokenizer)
+
+
+def read_tokenized_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a folder written by recipes/preprocess.py; `LMKitError` naming the folder or file if not."""
+    path = Path(directory) / TOKENIZED_MANIFEST
+    if not Path(directory).is_dir():
+        raise LMKitError(f"--tokenized_dataset {directory}: no such directory")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LMKitError(
+            f"--tokenized_dataset {path}: missing (not a folder written by recipes/preprocess.py)"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise LMKitError(f"--tokenized_dataset {path}: not readable JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != TOKENIZED_FORMAT:
+        raise LMKitError(f"--tokenized_dataset {path}: not a manifest of format {TOKENIZED_FORMAT!r}")
+    return manifest
+
+
+def use_tokenized_dataset(data_args: DataArguments, explicit: frozenset[str]) -> dict[str, Any] | None:
+    """With ``--tokenized_dataset``: its manifest, and ``--block_size`` set to the one it was packed with.
+
+    ``explicit`` are the data fields the user set (`lmkit.args.explicit_fields`): an explicit ``--block_size``
+    that differs is an error; a default one follows the dataset. Call it before the recipe's block-size checks.
+    """
+    if data_args.tokenized_dataset is None:
+        return None
+    manifest = read_tokenized_manifest(data_args.tokenized_dataset)
+    if "block_size" in explicit and data_args.block_size != manifest["block_size"]:
+        raise LMKitError(
+            f"--block_size {data_args.block_size}: --tokenized_dataset {data_args.tokenized_dataset} was packed "
+            f"with --block_size {manifest['block_size']} (pass that, or preprocess again)"
+        )
+    data_args.block_size = manifest["block_size"]
+    return manifest
+
+
+def load_tokenized_dataset(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[dict[str, Dataset], PreTrainedTokenizerBase]:
+    """(splits "train" / "validation" of packed blocks, tokenizer) from ``--tokenized_dataset``, memory-mapped.
+
+    Without ``tokenizer`` (pretraining) the dataset's own tokenizer is loaded; with one (fine-tuning: the model's)
+    its hash must be the manifest's. No raw text is read and nothing is tokenized.
+    """
+    directory = Path(data_args.tokenized_dataset)
+    manifest = read_tokenized_manifest(directory)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZED_TOKENIZER))
+    elif (theirs := _tokenizer_hash(tokenizer)) != manifest["tokenizer_hash"]:
+        raise LMKitError(
+            f"--tokenized_dataset {directory}: tokenized with another tokenizer (hash {manifest['tokenizer_hash']}) "
+            f"than the model's (hash {theirs}); preprocess again with --tokenizer set to the model's"
+        )
+    loaded = datasets.load_from_disk(str(directory))
+    out = {split: loaded[split] for split in ("train", "validation")}
+    if data_args.max_eval_blocks is not None and len(out["validation"]) > data_args.max_eval_blocks:
+        out["validation"] = out["validation"].select(range(data_args.max_eval_blocks))
+    logger.info(
+        "Tokenized dataset %s: blocks of %d tokens, %d train, %d validation",
+        directory, row_length(manifest["block_size"]), len(out["train"]), len(out["validation"]),
+    )  # fmt: skip
+    return out, tokenizer

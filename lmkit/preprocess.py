@@ -1,0 +1,176 @@
+"""Tokenize once: raw text -> a packed, sharded dataset on disk that every rank of every later run memory-maps.
+
+`preprocess` runs the pretraining pipeline of `lmkit.data` (``load_raw_datasets`` and ``build_lm_datasets``: the
+same blocks as a run on the raw text, by construction) with ``--preprocessing_num_workers`` processes, streaming
+through Arrow files (`datasets.map` writes every batch to disk; nothing holds the corpus in memory), and saves
+it with ``save_to_disk`` (shards of at most 500 MB, at least one per worker). The output folder holds::
+
+    dataset_dict.json  train/  validation/      the blocks: rows {"input_ids": block_size + 1 ids}
+    tokenizer/                                  the tokenizer that made them
+    manifest.json                               what was asked (sources, tokenizer, block size, split) and made
+
+``--tokenized_dataset DIR`` loads it (`lmkit.data.load_tokenized_dataset`). The folder appears whole or not at
+all: it is written to a staging folder beside it and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+
+import lmkit
+from lmkit.args import BUNDLED_CORPUS, DataArguments
+from lmkit.data import (
+    TOKENIZED_FORMAT,
+    TOKENIZED_MANIFEST,
+    TOKENIZED_TOKENIZER,
+    build_lm_datasets,
+    load_raw_datasets,
+    resolve_data_files,
+    tokenizer_hash,
+)
+from lmkit.errors import LMKitError
+from lmkit.packing import row_length
+from lmkit.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Manifest keys that describe the request: the same request on an existing folder is up to date.
+REQUEST_KEYS = ("format", "sources", "validation", "tokenizer", "vocab_size", "block_size", "sample_by")
+
+
+def describe_request(data_args: DataArguments, vocab_size: int | None, seed: int) -> dict[str, Any]:
+    """The manifest's request part: sources (a list, one element per source, with its weight), validation,
+    tokenizer and packing. Files are named with their size and modification time, so an edited file is new."""
+    if data_args.dataset_name is not None:
+        source = {"name": data_args.dataset_name, "dataset_name": data_args.dataset_name,
+                  "dataset_config_name": data_args.dataset_config_name}  # fmt: skip
+    else:
+        files = resolve_data_files(data_args.train_files or [str(BUNDLED_CORPUS)], "--train_files")
+        source = {"name": "train_files", "files": [_file_id(f) for f in files]}
+    source.update(text_column=data_args.text_column, weight=1.0)
+    validation: dict[str, Any] = {"split": data_args.validation_split, "mode": data_args.split_mode, "seed": seed}
+    if data_args.validation_files is not None:
+        val_files = resolve_data_files(data_args.validation_files, "--validation_files")
+        validation = {"files": [_file_id(f) for f in val_files]}
+    validation["max_eval_blocks"] = data_args.max_eval_blocks
+    return {
+        "format": TOKENIZED_FORMAT,
+        "sources": [source],
+        "validation": validation,
+        "tokenizer": data_args.tokenizer,
+        "vocab_size": vocab_size,
+        "block_size": data_args.block_size,
+        "sample_by": data_args.sample_by,
+    }
+
+
+def _file_id(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def preprocess(
+    data_args: DataArguments, output_dir: str | Path, *, vocab_size: int | None = None, seed: int = 42,
+    overwrite: bool = False,
+) -> tuple[bool, dict[str, Any]]:  # fmt: skip
+    """Write the tokenized, packed dataset of ``data_args`` to ``output_dir``; (written, manifest).
+
+    An ``output_dir`` that already holds this request is left as it is (written: False); one that holds anything
+    else is refused with an `LMKitError` naming it, unless ``overwrite``: then it is replaced once the new folder
+    is complete.
+    """
+    if data_args.streaming:
+        raise LMKitError("--streaming: preprocess writes the whole dataset; drop the flag")
+    if data_args.tokenized_dataset is not None:
+        raise LMKitError("--tokenized_dataset: preprocess reads raw text (--train_files / --dataset_name)")
+    out = Path(output_dir)
+    request = describe_request(data_args, vocab_size, seed)
+    if _holds_request(out, request, overwrite):
+        return False, json.loads((out / TOKENIZED_MANIFEST).read_text(encoding="utf-8"))
+    _remove_dead_stagings(out)
+
+    raw = load_raw_datasets(data_args, seed=seed)
+    tokenizer = build_tokenizer(data_args.tokenizer, (row["text"] for row in raw["train"]), vocab_size)
+    blocks = DatasetDict(build_lm_datasets(raw, tokenizer, data_args))
+    block_len = row_length(data_args.block_size)
+    manifest = {
+        **request,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "splits": {
+            split: {"blocks": len(ds), "tokens": len(ds) * block_len, "shards": None} for split, ds in blocks.items()
+        },
+        "lmkit_version": lmkit.__version__,
+    }
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        workers = data_args.preprocessing_num_workers
+        blocks.save_to_disk(str(staging), num_proc=workers if workers and workers > 1 else None)
+        tokenizer.save_pretrained(str(staging / TOKENIZED_TOKENIZER))
+        for split in blocks:
+            manifest["splits"][split]["shards"] = len(list((staging / split).glob("data-*.arrow")))
+        (staging / TOKENIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace(out, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Tokenized dataset %s: %s", out, json.dumps(manifest["splits"]))
+    return True, manifest
+
+
+def _holds_request(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``out`` already holds this request; raises if it holds something else and not ``overwrite``."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise LMKitError(f"--output_dir {out}: exists and is not a directory")
+    manifest_path = out / TOKENIZED_MANIFEST
+    if manifest_path.is_file():
+        try:
+            existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            existing = {}
+        differ = [key for key in REQUEST_KEYS if existing.get(key) != request[key]]
+        if not differ:
+            return True
+        what = f"another tokenized dataset (its {', '.join(differ)} differ{'s' if len(differ) == 1 else ''})"
+    elif any(out.iterdir()):
+        what = "files that are not a tokenized dataset (no manifest.json)"
+    else:
+        return False
+    if not overwrite:
+        raise LMKitError(f"--output_dir {out}: already holds {what}; pass --overwrite_output_dir to replace it")
+    return False
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Move the complete ``staging`` folder to ``out``; an old ``out`` goes only once the new one is in place."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dead_stagings(out: Path) -> None:
+    """Staging folders a killed preprocess left beside ``out`` (their process is gone)."""
+    for leftover in out.parent.glob(f".{out.name}.staging-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
