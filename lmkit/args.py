@@ -279,6 +279,13 @@ class LMTrainingArguments(TrainingArguments):
             problems.append(f"--num_threads must be a positive integer, got {self.num_threads}")
         if self.max_nonfinite_steps < 1:
             problems.append(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.label_smoothing_factor:
+            # The Trainer's label smoother takes `labels` and shifts them for the causal LMs it knows (Llama, ...):
+            # lmkit's targets arrive already shifted (lmkit.collator), so they would be shifted twice.
+            problems.append(
+                f"--label_smoothing_factor {self.label_smoothing_factor} is not supported: lmkit's targets arrive "
+                "already shifted, and the Trainer's label smoother would shift them again"
+            )
         if problems:
             raise LMKitError("; ".join(problems))
         # The one hardware probe in lmkit's arguments (no process setting is changed; the start-up report logs the

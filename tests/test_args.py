@@ -252,3 +252,10 @@ def test_fit_length_fits_any_length_field_and_check_block_size_adds_the_streamin
         check_block_size(data, args, 128, "the model's --max_position_embeddings")
     check_block_size(data, args, None, "the model's max_position_embeddings")  # no limit: kept
     assert data.block_size == 256
+
+
+def test_label_smoothing_is_refused_because_the_smoother_would_shift_targets_twice(tmp_path):
+    with pytest.raises(LMKitError, match=r"^--label_smoothing_factor 0.1 is not supported"):
+        parse_args(argv=["--output_dir", str(tmp_path), "--label_smoothing_factor", "0.1"])
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path), "--label_smoothing_factor", "0"])
+    assert args.label_smoothing_factor == 0
