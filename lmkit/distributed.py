@@ -5,6 +5,8 @@
   traceback from inside `deepspeed.initialize` after the data was tokenized.
 - `check_launch_config(path, ...)`: the same idea one step earlier, for what only the launcher sees (a multi-node
   config without ``main_process_ip`` makes torchrun wait for a rendezvous that never comes).
+- `main_process_first(args, desc)`: the main process does long work (tokenizing) first while the others wait
+  for a marker file, outside any collective, so no ``--ddp_timeout`` runs out while they wait.
 - `prebuild_deepspeed_ops()`: compile, once and in one process, the C++ ops DeepSpeed would otherwise JIT-build
   inside every rank of the first run.
 
@@ -17,14 +19,20 @@ Command line (run before ``accelerate launch``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lmkit.errors import LMKitError, main_entry
@@ -336,6 +344,72 @@ def prebuild_deepspeed_ops(builder_names: list[str] | None = None) -> list[str]:
         logger.info("DeepSpeed op %s ready in %.1fs", builder.name, time.perf_counter() - start)
         loaded.append(getattr(module, "__file__", str(module)))
     return loaded
+
+
+# -- the main process first, without a collective timeout ---------------------------------------------------------
+
+WAIT_POLL_SECONDS = 1.0
+WAIT_LOG_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def main_process_first(args: Any, desc: str = "work") -> Iterator[None]:
+    """`TrainingArguments.main_process_first` (local: each node's main process first) without its timeout.
+
+    transformers parks the other ranks in ``dist.barrier()`` while the main process works, and that barrier fails
+    after ``--ddp_timeout`` (30 minutes by default; NCCL's watchdog may kill the job), however long tokenizing a
+    large corpus legitimately takes. Here they poll for a marker file the main process writes when it is done (in
+    this node's temp dir, named by a token rank 0 draws), logging every minute, and only then meet it in a barrier
+    that is short because everyone has arrived. If the main process fails, they raise its error; if it dies
+    without a word, they raise an `LMKitError` naming the marker file. A single process just runs the body.
+    """
+    dist = torch.distributed
+    if getattr(args, "world_size", 1) <= 1 or not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    token = [uuid.uuid4().hex]  # instant collectives: every rank reaches this line together
+    dist.broadcast_object_list(token, src=0)
+    peers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), args.local_process_index, os.getpid()))
+    main_pid = next(pid for host, local, pid in peers if host == socket.gethostname() and local == 0)
+    marker = Path(tempfile.gettempdir()) / f"lmkit-{token[0]}-{desc.replace(' ', '_')}.done"
+    if args.local_process_index == 0:
+        try:
+            yield
+        except BaseException as err:
+            marker.write_text(f"error: {type(err).__name__}: {' '.join(str(err).split())}")
+            raise
+        marker.write_text("done")
+        dist.barrier()
+        marker.unlink(missing_ok=True)
+        return
+    _wait_for_marker(marker, main_pid, desc)
+    yield
+    dist.barrier()
+
+
+def _wait_for_marker(marker: Path, main_pid: int, desc: str) -> None:
+    start = last_log = time.monotonic()
+    while not marker.exists():
+        if not _alive(main_pid):
+            raise LMKitError(f"{marker}: the main process (pid {main_pid}) ended during {desc} without writing it")
+        if time.monotonic() - last_log >= WAIT_LOG_SECONDS:
+            last_log = time.monotonic()
+            logger.info("waiting for the main process to finish %s (%.0f s so far)", desc, last_log - start)
+        time.sleep(WAIT_POLL_SECONDS)
+    state = marker.read_text()
+    if state.startswith("error"):
+        raise LMKitError(f"{desc} failed on the main process ({marker}: {state})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 # -- command line -------------------------------------------------------------------------------------------------
