@@ -233,7 +233,7 @@ def export_model(
     tokenizer.save_pretrained(export_dir)
 
     run = RunRecord.read(model_dir) if model_dir is not None else RunRecord()
-    has_curve = plot_loss_curve(run.log_history, export_dir / "loss_curve.png")
+    has_curve = plot_loss_curve(run.log_history, export_dir / "loss_curve.png", run.token_level)
     card = build_model_card(model, repo_id, fmt, run, has_curve, license, datasets, language)
     card.save(export_dir / "README.md")
     files = sorted(p for p in export_dir.iterdir() if p.is_file())
@@ -246,6 +246,58 @@ def export_model(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+RUN_RECORD = "lmkit_run.json"  # the lineage a training run leaves beside its model: every stage, oldest first
+STAGE_NAMES = {"pretrain": "pretraining", "finetune": "supervised fine-tuning (SFT)", "dpo": "preference tuning"}
+PREFERENCE_LOSSES = {"sigmoid": "DPO", "ipo": "IPO", "simpo": "SimPO", "orpo": "ORPO"}
+_STAGE_METRICS = re.compile(r"^(train_loss|eval_.*(loss|perplexity|bits_per_byte|accuracies|margins))$")
+
+
+def stage_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics a stage record keeps: the train loss and the final evaluation's quality numbers (finite, rounded
+    to 6 significant digits); not speeds, runtimes or epochs."""
+    return {
+        k: float(f"{v:.6g}")
+        for k, v in metrics.items()
+        if _STAGE_METRICS.match(k) and isinstance(v, (int, float)) and math.isfinite(v)
+    }
+
+
+def read_stages(model_dir: Path) -> list[dict[str, Any]]:
+    """The stages that made the model in ``model_dir``, oldest first: its `RUN_RECORD` (a merged LoRA export in
+    ``<run>/merged`` takes its run's), else one stage rebuilt from a run without one (its trainer state and eval
+    results); [] for a folder no training run wrote."""
+    for folder in (model_dir, model_dir.parent) if model_dir.name == "merged" else (model_dir,):
+        if (folder / RUN_RECORD).is_file():
+            return list(json.loads((folder / RUN_RECORD).read_text()).get("stages", []))
+    if not (model_dir / "trainer_state.json").is_file():
+        return []
+    state = json.loads((model_dir / "trainer_state.json").read_text())
+    results = model_dir / "eval_results.json"
+    metrics = json.loads(results.read_text()) if results.is_file() else {}
+    return [{"recipe": None, "output_dir": str(model_dir), "steps": state.get("global_step"),
+             "metrics": stage_metrics(metrics)}]  # fmt: skip
+
+
+def parent_stages(starting_point: str | None) -> list[dict[str, Any]]:
+    """The stages before a run that started from ``starting_point``: a local folder's `read_stages`, a hub model as
+    one stage naming it, nothing for a run from scratch."""
+    if not starting_point:
+        return []
+    path = local_path(starting_point)
+    if path is None:
+        return [{"recipe": None, "model": starting_point}]
+    return read_stages(path)
+
+
+def write_run_record(output_dir: str | Path, stage: dict[str, Any]) -> Path:
+    """Write ``output_dir``/`RUN_RECORD`: the parent's stages (read from the run's ``starting_point``, copied so the
+    lineage survives the parent folder) followed by ``stage``."""
+    stages = [*parent_stages(stage.get("starting_point")), stage]
+    path = Path(output_dir) / RUN_RECORD
+    path.write_text(json.dumps({"stages": stages}, indent=2) + "\n")
+    return path
+
+
 @dataclasses.dataclass
 class RunRecord:
     log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -253,6 +305,7 @@ class RunRecord:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics_source: str | None = None
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def read(cls, model_dir: Path) -> RunRecord:
@@ -267,11 +320,20 @@ class RunRecord:
                 record.metrics_source = name
                 break
         record.hyperparameters = _training_hyperparameters(model_dir / "training_args.bin")
+        record.stages = read_stages(model_dir)
         return record
 
+    @property
+    def token_level(self) -> bool:
+        """Whether the last stage's training loss is a token cross-entropy (not a preference loss)."""
+        return not self.stages or self.stages[-1].get("recipe") != "dpo"
+
     def eval_metrics(self) -> dict[str, float]:
-        """loss / perplexity / bits_per_byte from lmkit's evaluation.json or the Trainer's eval_results.json."""
+        """loss / perplexity / bits_per_byte from lmkit's evaluation.json or the Trainer's eval_results.json (the
+        latter only when the run's loss is a token cross-entropy: a preference loss is no language-model metric)."""
         m = self.metrics
+        if self.metrics_source == "eval_results.json" and not self.token_level:
+            return {}
         out = {}
         for key in ("loss", "perplexity", "bits_per_byte"):
             value = m.get(key, m.get(f"eval_{key}"))
@@ -323,8 +385,9 @@ def _training_hyperparameters(path: Path) -> dict[str, Any]:
     return out
 
 
-def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> bool:
-    """Training (and eval) loss against optimizer step, from the Trainer's log history, as a PNG. False if empty."""
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path, token_level: bool = True) -> bool:
+    """Training (and eval) loss against optimizer step, from the Trainer's log history, as a PNG. False if empty.
+    ``token_level``: the loss is a cross-entropy in nats/token (else a preference loss, labelled as such)."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     if not train and not evals:
@@ -340,7 +403,7 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> bool:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("cross-entropy (nats/token)" if token_level else "preference loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -364,28 +427,10 @@ def build_model_card(
     datasets: list[str] | None,
     language: list[str] | None,
 ) -> ModelCard:
-    """A `ModelCard` with YAML metadata (model-index carries the eval metrics) and a body describing the model."""
-    c = model.config
-    metrics = run.eval_metrics()
-    eval_name = _eval_dataset_name(run, datasets)
-    eval_results = [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Causal language modeling",
-            dataset_type=(datasets or ["custom"])[0],
-            dataset_name=eval_name,
-            dataset_split="validation",
-            metric_type=key,
-            metric_name=name,
-            metric_value=round(metrics[key], 4),
-        )
-        for key, name in (
-            ("loss", "loss (nats/token)"),
-            ("perplexity", "perplexity"),
-            ("bits_per_byte", "bits per byte"),
-        )
-        if key in metrics
-    ]
+    """A `ModelCard` with YAML metadata (model-index carries the eval metrics) and a body describing the model:
+    usage, architecture, the training stages oldest first (each with its data and metrics), evaluation, loss curve."""
+    name = repo_id.split("/")[-1]
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     data = ModelCardData(
         language=language,
         license=license,
@@ -393,20 +438,59 @@ def build_model_card(
         tags=["lmkit", "causal-lm", "text-generation", "llama" if fmt == "llama" else "custom_code"],
         datasets=datasets,
         pipeline_tag="text-generation",
-        model_name=repo_id.split("/")[-1],
-        eval_results=eval_results or None,
-    )
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    trust = ", trust_remote_code=True" if fmt == "lmkit" else ""
-    arch = (
-        "transformers' native `LlamaForCausalLM` (exported from lmkit; no remote code)"
-        if fmt == "llama"
-        else "lmkit `LMForCausalLM` (code ships in this repository; load with `trust_remote_code=True`)"
+        model_name=name,
+        eval_results=_eval_results(run, datasets) or None,
     )
     lines = [
-        f"# {repo_id.split('/')[-1]}",
+        f"# {name}",
         "",
-        f"A causal language model pretrained with lmkit, {params:,} parameters.",
+        f"A causal language model trained with lmkit ({_stage_path(run.stages)}), {params:,} parameters.",
+        *_usage_lines(repo_id, fmt),
+        *_architecture_lines(model.config, fmt, params),
+        *_training_lines(run, datasets),
+        *_evaluation_lines(run, datasets),
+    ]
+    if has_curve:
+        lines += ["", "## Loss curve", "", "![training loss](loss_curve.png)"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _eval_results(run: RunRecord, datasets: list[str] | None) -> list[EvalResult]:
+    metrics = run.eval_metrics()
+    names = (("loss", "loss (nats/token)"), ("perplexity", "perplexity"), ("bits_per_byte", "bits per byte"))
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Causal language modeling",
+            dataset_type=(datasets or ["custom"])[0],
+            dataset_name=_eval_dataset_name(run, datasets),
+            dataset_split="validation",
+            metric_type=key,
+            metric_name=label,
+            metric_value=round(metrics[key], 4),
+        )
+        for key, label in names
+        if key in metrics
+    ]
+
+
+def _stage_path(stages: list[dict[str, Any]]) -> str:
+    """``"pretrain -> finetune -> dpo (DPO)"``; ``"training not recorded"`` without stages."""
+    parts = [_stage_label(stage) for stage in stages]
+    return " -> ".join(parts) if parts else "training not recorded"
+
+
+def _stage_label(stage: dict[str, Any]) -> str:
+    recipe = stage.get("recipe")
+    if recipe is None:
+        return f"`{stage['model']}`" if stage.get("model") else "an earlier run"
+    loss = stage.get("loss_type")
+    return f"{recipe} ({PREFERENCE_LOSSES.get(loss, loss)})" if loss else recipe
+
+
+def _usage_lines(repo_id: str, fmt: str) -> list[str]:
+    trust = ", trust_remote_code=True" if fmt == "lmkit" else ""
+    return [
         "",
         "## Usage",
         "",
@@ -421,6 +505,16 @@ def build_model_card(
         "",
         f'generator = pipeline("text-generation", model="{repo_id}"{trust})',
         "```",
+    ]
+
+
+def _architecture_lines(c: PretrainedConfig, fmt: str, params: int) -> list[str]:
+    arch = (
+        "transformers' native `LlamaForCausalLM` (exported from lmkit; no remote code)"
+        if fmt == "llama"
+        else "lmkit `LMForCausalLM` (code ships in this repository; load with `trust_remote_code=True`)"
+    )
+    return [
         "",
         "## Architecture",
         "",
@@ -437,29 +531,54 @@ def build_model_card(
         f"| vocabulary | {c.vocab_size} |",
         f"| rope theta | {c.rope_parameters.get('rope_theta')} |",
         f"| tied embeddings | {c.tie_word_embeddings} |",
-        "",
-        "## Training data",
-        "",
-        ", ".join(f"`{d}`" for d in datasets) if datasets else "Not recorded (pass `--datasets` to publish.py).",
     ]
-    tokens = run.state.get("num_input_tokens_seen")
+
+
+def _training_lines(run: RunRecord, datasets: list[str] | None) -> list[str]:
+    lines = ["", "## Training data", ""]
+    lines += [", ".join(f"`{d}`" for d in datasets) if datasets else "Not recorded (pass `--datasets` to publish.py)."]
     if run.state:
+        tokens = run.state.get("num_input_tokens_seen")
         lines += ["", f"Tokens seen: {tokens:,}." if tokens else "Tokens seen: not recorded."]
         lines += [f"Optimizer steps: {run.state.get('global_step', 0):,}."]
+    if run.stages:
+        lines += [
+            "",
+            "## Training stages",
+            "",
+            "Oldest first; each stage started from the model of the one above.",
+            "",
+        ]
+        lines += ["| # | stage | started from | data | steps | final metrics |", "|---|---|---|---|---|---|"]
+        lines += [_stage_row(i, stage) for i, stage in enumerate(run.stages, 1)]
     if run.hyperparameters:
         lines += ["", "## Training hyperparameters", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in run.hyperparameters.items() if v is not None]
-    lines += ["", "## Evaluation", ""]
-    if metrics:
-        source = run.metrics_source
-        lines += [f"On {eval_name} (from `{source}`):", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    else:
-        lines += ["No evaluation recorded."]
-    if has_curve:
-        lines += ["", "## Loss curve", "", "![training loss](loss_curve.png)"]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    return ModelCard(content)
+    return lines
+
+
+def _stage_row(index: int, stage: dict[str, Any]) -> str:
+    if stage.get("recipe") is None and stage.get("model"):
+        return f"| {index} | `{stage['model']}` (hub model) | | | | |"
+    recipe = stage.get("recipe")
+    what = STAGE_NAMES.get(recipe, recipe or "an earlier run (no lmkit record)")
+    if stage.get("loss_type"):
+        what += f", {PREFERENCE_LOSSES.get(stage['loss_type'], stage['loss_type'])} (beta {stage.get('beta')})"
+    start = f"`{stage['starting_point']}`" if stage.get("starting_point") else "scratch"
+    data = ", ".join(f"`{d}`" for d in stage.get("data") or []) or "not recorded"
+    steps = f"{stage['steps']:,}" if isinstance(stage.get("steps"), int) else ""
+    if stage.get("tokens_seen"):
+        steps += f" ({stage['tokens_seen']:,} tokens)"
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in (stage.get("metrics") or {}).items())
+    return f"| {index} | {what} | {start} | {data} | {steps} | {metrics} |"
+
+
+def _evaluation_lines(run: RunRecord, datasets: list[str] | None) -> list[str]:
+    metrics = run.eval_metrics()
+    if not metrics:
+        return ["", "## Evaluation", "", "No evaluation recorded."]
+    lines = ["", "## Evaluation", "", f"On {_eval_dataset_name(run, datasets)} (from `{run.metrics_source}`):", ""]
+    return lines + ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in metrics.items())]
 
 
 def _eval_dataset_name(run: RunRecord, datasets: list[str] | None) -> str:

@@ -9,13 +9,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lmkit import launcher
+from lmkit import hub, launcher
 from lmkit.checkpoint import FINISHED_MODEL_FILES, check_resume_checkpoint, complete_checkpoints
 from lmkit.distributed import validate_distributed
 from lmkit.errors import LMKitError, call_on_recipe_exit
@@ -305,7 +306,59 @@ def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        hub.write_run_record(trainer.args.output_dir, run_stage(trainer, base, metrics))
     return metrics
+
+
+def run_stage(trainer: Any, model: torch.nn.Module, metrics: dict[str, float]) -> dict[str, Any]:
+    """This run's entry in the model's lineage (`lmkit.hub.write_run_record`): recipe, starting point (the folder or
+    hub id its weights were loaded from; none for a model built from a config), data, steps, final metrics.
+
+    The recipe is the launched ``recipes/NAME.py``; called in-process, the trainer says which (a preference trainer:
+    dpo; otherwise pretrain from scratch, finetune from a starting point). The data flags are read from that
+    command line (and its ``--config``), so in-process calls record none."""
+    starting_point = getattr(model.config, "_name_or_path", "") or None
+    preference = getattr(trainer, "preference_args", None)
+    script = Path(sys.argv[0])
+    if script.parent.name == "recipes" and script.suffix == ".py":
+        recipe, data = script.stem, command_line_data(sys.argv[1:])
+    else:
+        recipe, data = "dpo" if preference else "finetune" if starting_point else "pretrain", []
+    stage: dict[str, Any] = {"recipe": recipe, "starting_point": starting_point, "data": data}
+    if preference is not None:
+        stage.update(loss_type=preference.loss_type, beta=preference.beta)
+    tokens = trainer.state.num_input_tokens_seen
+    stage.update(steps=trainer.state.global_step, tokens_seen=tokens or None, metrics=hub.stage_metrics(metrics))
+    stage["output_dir"] = str(trainer.args.output_dir)
+    return stage
+
+
+_DATA_FLAGS = ("train_files", "validation_files", "dataset_name", "dataset_config_name")
+
+
+def command_line_data(argv: list[str]) -> list[str]:
+    """The data a recipe's command line names: ``--train_files`` / ``--validation_files`` / ``--dataset_name`` (and
+    its config) from the flags or their ``--config`` file, the flags winning; the bundled corpus when none."""
+    from lmkit.args import BUNDLED_CORPUS, load_yaml_config
+
+    given: dict[str, Any] = {}
+    if "--config" in argv[:-1]:
+        config = load_yaml_config(argv[argv.index("--config") + 1])
+        given.update({k: config[k] for k in _DATA_FLAGS if config.get(k)})
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and flag in _DATA_FLAGS:
+            given[flag] = [value] if eq else list(takewhile(lambda a: not a.startswith("--"), argv[i + 1 :]))
+    data = [str(v) for k in ("train_files", "validation_files") for v in _as_list(given.get(k))]
+    if given.get("dataset_name"):
+        name, config_name = _as_list(given["dataset_name"])[0], _as_list(given.get("dataset_config_name"))
+        data.append(f"{name} ({config_name[0]})" if config_name else str(name))
+    return data or [f"lmkit's bundled corpus ({BUNDLED_CORPUS.name})"]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def train_and_save(

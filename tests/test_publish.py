@@ -94,6 +94,29 @@ def test_model_card_parses_and_carries_the_metrics(published):
     assert "LlamaForCausalLM" in llama_card and "trust_remote_code" not in llama_card
 
 
+def test_publishing_a_dpo_model_lists_its_three_stages(tmp_path):
+    ckpt = tmp_path / "dpo"
+    make_checkpoint(ckpt)  # its eval_results.json now holds the DPO loss, which is no language-model loss
+    stages = [
+        {"recipe": "pretrain", "starting_point": None, "data": ["corpus.txt"], "steps": 200, "metrics": {"eval_loss": 2.5}},
+        {"recipe": "finetune", "starting_point": "outputs/pretrain", "data": ["qa.jsonl"], "steps": 150, "metrics": {}},
+        {"recipe": "dpo", "starting_point": "outputs/sft", "data": ["prefs.jsonl"], "loss_type": "ipo", "beta": 0.5,
+         "steps": 100, "metrics": {"eval_rewards/accuracies": 1.0}},
+    ]  # fmt: skip
+    (ckpt / "lmkit_run.json").write_text(json.dumps({"stages": stages}))
+    folder = load_recipe("publish").main(["--model", str(ckpt), "--repo_id", "me/tiny-dpo", "--export_dir",
+                                          str(tmp_path / "out"), "--dry_run"])  # fmt: skip
+    card = ModelCard.load(folder / "README.md")
+    rows = [
+        "| 1 | pretraining | scratch | `corpus.txt` | 200 | eval_loss 2.5 |",
+        "| 2 | supervised fine-tuning (SFT) | `outputs/pretrain` | `qa.jsonl` | 150 |  |",
+        "| 3 | preference tuning, IPO (beta 0.5) | `outputs/sft` | `prefs.jsonl` | 100 | eval_rewards/accuracies 1 |",
+    ]
+    assert [card.text.index(row) for row in rows] == sorted(card.text.index(row) for row in rows)
+    assert "(pretrain -> finetune -> dpo (IPO))" in card.text
+    assert card.data.eval_results is None  # eval_results.json's 3.25 is a preference loss: not claimed as nats/token
+
+
 def test_reexport_replaces_an_earlier_export_but_refuses_a_foreign_folder(published, tmp_path, capsys):
     ckpt, _, _, _ = published
     recipe = load_recipe("publish")
