@@ -28,7 +28,8 @@ class LMTrainer(Trainer):
       with two or more dimensions decays; norms and biases do not.
     - Gradient accumulation normalises the loss over all target tokens of the accumulated batch (across ranks too),
       so 4 micro-batches of 4 give the same gradient as one batch of 16, whatever their padding.
-    - Logs perplexity, tokens/s over the last logging interval and tokens seen; eval logs perplexity.
+    - Logs perplexity (when the loss is a token cross-entropy: ``loss_is_token_cross_entropy``), tokens/s over the
+      last logging interval and tokens seen; eval logs perplexity.
     - Logs MFU over the interval against the peak FLOP/s it names (``--peak_flops``, a known GPU's data sheet, or
       measured on a CPU; see `lmkit.perf`), and ``data_wait_fraction``: the share of wall time spent fetching batches.
     - Checkpoints (`lmkit.checkpoint`, the ``checkpointer`` it owns): checkpoints and the final model appear only
@@ -130,8 +131,12 @@ class LMTrainer(Trainer):
         return self.state.num_input_tokens_seen if self.args.include_num_input_tokens_seen != "no" else None
 
     # -- metrics ---------------------------------------------------------------------------------------------
+    # Perplexity is exp of a mean token cross-entropy: a subclass whose loss is anything else (a preference loss)
+    # sets this False, and its logs carry no perplexity.
+    loss_is_token_cross_entropy = True
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for key in ("loss", "eval_loss"):
+        for key in ("loss", "eval_loss") if self.loss_is_token_cross_entropy else ():
             if key in logs and math.isfinite(logs[key]):
                 prefix = "eval_" if key.startswith("eval_") else ""
                 logs[f"{prefix}perplexity"] = math.exp(min(logs[key], 50.0))
