@@ -643,8 +643,10 @@ class PreferenceTrainer(LMTrainer):
     computes a loss when a label column is present), and ``log``, which adds TRL's metric names averaged over the
     pairs since the last log: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
     ``logps/chosen``, ``logps/rejected`` (``eval_``-prefixed in evaluation). The loss is a mean over pairs, so
-    the Trainer divides it by the accumulation steps as usual.
+    the Trainer divides it by the accumulation steps as usual. No perplexity: the loss is no token cross-entropy.
     """
+
+    loss_is_token_cross_entropy = False
 
     def __init__(self, *args: Any, preference_args: PreferenceArguments, **kwargs: Any) -> None:
         training_args = kwargs.get("args") if "args" in kwargs else args[1]

@@ -4,6 +4,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmkit import LMConfig, LMForCausalLM
 from lmkit.dpo import (
     PreferenceCollator,
+    PreferenceTrainer,
     build_preference_dataset,
     enable_token_logps,
     extract_prompt,
@@ -362,6 +364,33 @@ def test_recipe_logs_trl_metrics_and_reuses_the_cached_reference(base, tmp_path,
         again = run(*common, "--output_dir", tmp_path / "b")
     assert "reference log-probs from the cache" in caplog.text
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+    # A preference loss is no token cross-entropy: no perplexity in any train or eval log.
+    assert not [k for h in state["log_history"] for k in h if "perplexity" in k] and "eval_perplexity" not in metrics
+    # The run's record: started from the base folder (which has none of its own), 3 steps, its final metrics.
+    (stage,) = json.loads((tmp_path / "a" / "lmkit_run.json").read_text())["stages"]
+    assert {k: stage[k] for k in ("recipe", "starting_point", "data", "loss_type", "beta", "steps")} == {
+        "recipe": "dpo", "starting_point": str(base), "data": [], "loss_type": "sigmoid", "beta": 0.1, "steps": 3,
+    }  # fmt: skip
+    assert stage["metrics"]["eval_loss"] == float(f"{metrics['eval_loss']:.6g}")
+
+
+def test_perplexity_only_where_the_loss_is_a_token_cross_entropy(tmp_path):
+    from lmkit.args import LMTrainingArguments
+    from lmkit.trainer import LMTrainer
+
+    args = LMTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, eval_strategy="no"
+    )
+    model = tiny_model(char_tokenizer())
+    pretrain = LMTrainer(model=model, args=args)
+    preference = PreferenceTrainer(model=model, args=args, preference_args=PreferenceArguments())
+    for trainer in (pretrain, preference):
+        trainer.log({"loss": 0.5})
+        trainer.log({"eval_loss": 0.25})
+    assert pretrain.state.log_history[0]["perplexity"] == math.exp(0.5)
+    assert pretrain.state.log_history[1]["eval_perplexity"] == math.exp(0.25)
+    assert [sorted(k for k in h if "perplexity" in k) for h in preference.state.log_history] == [[], []]
+    assert preference.state.log_history[0]["loss"] == 0.5 and preference.state.log_history[1]["eval_loss"] == 0.25
 
 
 def test_lora_reference_is_the_base_and_merge_writes_a_full_model(base, tmp_path):
