@@ -1,0 +1,129 @@
+"""The training data each recipe builds, one call per recipe, without a model's weights or an output dir.
+
+``recipes/inspect_data.py`` calls these to show rows exactly as ``recipes/pretrain.py``, ``finetune.py`` and
+``dpo.py`` feed them to the Trainer: the same argument checks, tokenizer, chat template and added special tokens,
+datasets and collator, all from the lmkit functions those recipes call. What needs the model (special tokens that
+grow the embedding) runs on a weightless copy on the meta device. Reference log-probs (DPO) are not computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, fit_length
+from lmkit.collator import CausalLMCollator
+from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.dpo import PreferenceCollator, build_preference_dataset, cache_root, is_conversational, load_preference_rows
+from lmkit.dpo_args import PreferenceArguments
+from lmkit.errors import LMKitError
+from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer
+from lmkit.finetune_args import FinetuneArguments
+from lmkit.sft import CHAT, TEXT, build_sft_datasets, resolve_chat_template, sft_format
+from lmkit.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeData:
+    """What a recipe hands the Trainer: ``datasets`` {"train", "validation"} (a split may be None), the
+    ``collator`` that batches them, the ``tokenizer`` that made them, and whether rows are preference pairs."""
+
+    tokenizer: PreTrainedTokenizerBase
+    datasets: dict[str, Any]
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    preference: bool = False
+
+
+def pretrain_data(
+    model_args: ModelArguments, data_args: DataArguments, args: LMTrainingArguments, tokenizer_docs: int
+) -> RecipeData:
+    """recipes/pretrain.py's data: corpus, tokenizer (trained on the first ``tokenizer_docs`` documents of a
+    stream), packed blocks, `CausalLMCollator`."""
+    check_block_size(data_args, args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
+    raw = load_raw_datasets(data_args, seed=args.seed)
+    texts = (row["text"] for row in raw["train"])
+    if data_args.streaming:
+        texts = islice(texts, tokenizer_docs)
+    tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
+    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    return RecipeData(tokenizer, datasets, CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
+
+
+def _starting_tokenizer(model_args: ModelArguments, data_args: DataArguments) -> tuple[str, Any, Any, str, int]:
+    spec, model_config = load_starting_point(model_args)
+    tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
+    tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
+    return spec, model_config, tokenizer, tokenizer_spec, n_saved
+
+
+def _add_special_tokens(
+    model_config: Any, tokenizer: PreTrainedTokenizerBase, n_saved: int, new_special: list[str], spec: str, trust: bool
+) -> None:
+    """What `lmkit.finetune.prepare_model` does to the tokenizer (check it fits the model, add the chat markers),
+    on a model built on the meta device: no weights are read or allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
+    check_vocab(model, n_saved, spec)
+    add_tokens(model, tokenizer, n_saved, new_special)
+
+
+def finetune_data(
+    model_args: ModelArguments, data_args: DataArguments, ft_args: FinetuneArguments, args: LMTrainingArguments
+) -> RecipeData:
+    """recipes/finetune.py's data: raw text as packed blocks, or prompt/completion and chat rows with their loss
+    masks (packed with ``--packing``), and the collator (padding streamed unpacked rows to ``--block_size``)."""
+    spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    check_block_size(data_args, args, max_positions, "the model's max_position_embeddings")
+    fmt = sft_format(data_args)
+    new_special: list[str] = []
+    if fmt == CHAT:
+        tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
+    _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
+    if fmt == TEXT:
+        raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=args.main_process_first)
+        datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    else:
+        datasets = build_sft_datasets(
+            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed
+        )
+    stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
+    collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
+    return RecipeData(tokenizer, datasets, collator)
+
+
+def dpo_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    ft_args: FinetuneArguments,
+    pref_args: PreferenceArguments,
+    args: LMTrainingArguments,
+) -> RecipeData:
+    """recipes/dpo.py's data: preference pairs tokenized and cut to ``--max_length``, and `PreferenceCollator`."""
+    if ft_args.train_on_prompt:
+        raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
+    spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
+    fit_length(pref_args, "max_length", getattr(model_config, "max_position_embeddings", None),
+               "the model's max_position_embeddings")  # fmt: skip
+    rows = load_preference_rows(data_args, seed=args.seed)
+    new_special: list[str] = []
+    if is_conversational(rows["train"]):
+        tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
+    _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
+    cache_dir = cache_root(data_args)
+    datasets = {
+        split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, cache_dir=cache_dir)
+        if split_rows
+        else None
+        for split, split_rows in rows.items()
+    }
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
+    return RecipeData(tokenizer, datasets, collator, preference=True)
