@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
     else:
         datasets = build_sft_datasets(
-            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed
-        )
+            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
+            main_process_first=args.main_process_first,
+        )  # fmt: skip
     if datasets["validation"] is None or len(datasets["validation"]) == 0:
         datasets["validation"] = None
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
