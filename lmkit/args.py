@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.trainer_utils import IntervalStrategy
 
 from lmkit.errors import LMKitError
+from lmkit.mixture import parse_sources
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,14 @@ class DataArguments:
         default=None, metadata={"help": "Held-out files. None: split --validation_split off the training data."}
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, loaded with `datasets`."})
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture of sources instead of --train_files / --dataset_name: in YAML a list of "
+            "{name, weight, files | dataset_name, dataset_config_name, split, text_column, sample_by}; on the "
+            "command line the same list as one JSON string (lmkit.mixture)."
+        },
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
     text_column: str = field(default="text", metadata={"help": "Column (JSONL/parquet field) holding the text."})
     validation_split: float = field(
@@ -183,6 +192,10 @@ class DataArguments:
             problems.append(f"--max_eval_blocks must be positive, got {self.max_eval_blocks}")
         if self.train_files is not None and not self.train_files:
             problems.append("--train_files is empty")
+        try:
+            parse_sources(self)
+        except LMKitError as err:
+            problems.append(str(err))
         if self.tokenized_dataset is not None:
             sources = ("train_files", "dataset_name", "datasets")
             clash = [f"--{name}" for name in sources if getattr(self, name, None) is not None]
@@ -360,8 +373,8 @@ def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
         if value is None:
             continue
         argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(v) for v in value)
+        if isinstance(value, list):  # a list of mappings (--datasets): each one JSON string
+            argv.extend(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
         elif isinstance(value, dict):
             argv.append(json.dumps(value))
         else:

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.errors import LMKitError
+from lmkit.mixture import MixtureStream, Source, log_mix, mix_blocks, parse_sources
 from lmkit.packing import cut_blocks, pack_document_batch, row_length, tokenize_documents
 from lmkit.rows import hold_out_indices, is_held_out, json_rows, text_row_problem, utf8_error_offset
 
@@ -110,22 +111,30 @@ def _files_in_dir(directory: Path, field: str) -> list[Path]:
 
 
 def load_raw_datasets(
-    data_args: DataArguments, seed: int, main_process_first: ContextFactory = contextlib.nullcontext
+    data_args: DataArguments,
+    seed: int,
+    main_process_first: ContextFactory = contextlib.nullcontext,
+    source: Source | None = None,
 ) -> DatasetDict | IterableDatasetDict:
-    """Load the corpus as splits "train" and "validation", each with a single "text" column (one document a row).
+    """Load one source as splits "train" and "validation", each with a single "text" column (one document a row).
 
-    Sources, in order: ``--dataset_name`` (hub or a local dataset folder), else ``--train_files`` (default: the
-    bundled Shakespeare corpus). Without ``--validation_files`` (or a hub "validation" split), ``--validation_split``
+    ``source`` is a `lmkit.mixture.Source` (`load_sources` loads each of a mixture); None: the run's one source,
+    from ``--dataset_name`` (hub or a local dataset folder), else ``--train_files`` (default: the bundled
+    Shakespeare corpus). A source's own fields (files, dataset name, config, split, text column, sample_by) say
+    how it is read; errors name them (`Source.flag`). Without ``--validation_files`` (or a hub "validation" split), ``--validation_split``
     of the documents is held out: ``random`` picks them with ``seed``, ``tail`` takes the last ones in corpus order.
     With ``--streaming`` the splits are `IterableDataset`s and ``random`` holds out each document with probability
     ``--validation_split`` by a seeded hash of its text (so every rank and every epoch agrees without a count).
     """
+    if source is None:
+        (source,) = parse_sources(data_args)  # a mixture's sources are loaded one by one (load_sources)
     with main_process_first():
-        if data_args.dataset_name is not None:
-            raw = _load_hub(data_args)
+        if source.dataset_name is not None:
+            raw = _load_hub(source, data_args)
         else:
-            train_files = resolve_data_files(data_args.train_files or [str(BUNDLED_CORPUS)], "--train_files")
-            raw = {"train": load_files(train_files, "--train_files", data_args)}
+            field = source.flag("files")
+            train_files = resolve_data_files(list(source.files or [str(BUNDLED_CORPUS)]), field)
+            raw = {"train": load_files(train_files, field, data_args, source)}
         if data_args.validation_files is not None:
             val_files = resolve_data_files(data_args.validation_files, "--validation_files")
             raw["validation"] = load_files(val_files, "--validation_files", data_args)
@@ -133,17 +142,24 @@ def load_raw_datasets(
             raw["train"], raw["validation"] = _hold_out(raw["train"], data_args, seed)
     if data_args.streaming:
         return IterableDatasetDict(train=raw["train"], validation=raw["validation"])
-    logger.info("Documents: %d train, %d validation", len(raw["train"]), len(raw["validation"]))
+    named = "" if source.implicit else f" ({source.name})"
+    logger.info("Documents%s: %d train, %d validation", named, len(raw["train"]), len(raw["validation"]))
     return DatasetDict(train=raw["train"], validation=raw["validation"])
 
 
-def load_files(files: list[Path], field: str, data_args: DataArguments) -> Dataset | IterableDataset:
-    """Load resolved files of one format as documents (a "text" column); errors name ``field`` and the file."""
+def load_files(
+    files: list[Path], field: str, data_args: DataArguments, source: Source | None = None
+) -> Dataset | IterableDataset:
+    """Load resolved files of one format as documents (a "text" column); errors name ``field`` and the file.
+
+    The text column and ``sample_by`` are ``source``'s (default: ``--text_column`` / ``--sample_by``)."""
     builder = FORMATS[files[0].suffix.lower()]
-    column = "text" if builder == "text" else data_args.text_column
+    text_column = source.text_column if source is not None else data_args.text_column
+    column_flag = source.flag("text_column") if source is not None else "--text_column"
+    column = "text" if builder == "text" else text_column
     kwargs: dict[str, Any] = {}
     if builder == "text":
-        kwargs["sample_by"] = data_args.sample_by
+        kwargs["sample_by"] = source.sample_by if source is not None else data_args.sample_by
     elif builder == "parquet":
         kwargs["columns"] = [column]
     try:
@@ -167,8 +183,8 @@ def load_files(files: list[Path], field: str, data_args: DataArguments) -> Datas
         bad = column not in ds.column_names or not pa.types.is_string(table.schema.field(column).type)
         if bad or table.column(column).null_count:
             problem = _diagnose(files, builder, column, field)
-            raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see --text_column)")
-    ds = _text_column(ds, column, field)
+            raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see {column_flag})")
+    ds = _text_column(ds, column, field, column_flag)
     if not data_args.streaming and len(ds) == 0:
         raise LMKitError(_no_documents(files, field))
     return ds
@@ -178,10 +194,12 @@ def _no_documents(files: list[Path], field: str) -> str:
     return f"{field}: no documents in {', '.join(map(str, files))} (only blank lines?)"
 
 
-def _text_column(ds: Dataset | IterableDataset, column: str, field: str) -> Dataset | IterableDataset:
+def _text_column(
+    ds: Dataset | IterableDataset, column: str, field: str, column_flag: str = "--text_column"
+) -> Dataset | IterableDataset:
     names = ds.column_names
     if names is not None and column not in names:
-        raise LMKitError(f"--text_column {column!r}: not a column of {field} (columns: {', '.join(names)})")
+        raise LMKitError(f"{column_flag} {column!r}: not a column of {field} (columns: {', '.join(names)})")
     ds = ds.select_columns([column])
     return ds.rename_column(column, "text") if column != "text" else ds
 
@@ -214,19 +232,20 @@ def _json_problem(file: Path, column: str, field: str) -> str | None:
     return None
 
 
-def _load_hub(data_args: DataArguments) -> dict[str, Dataset | IterableDataset]:
-    name = data_args.dataset_name
+def _load_hub(source: Source, data_args: DataArguments) -> dict[str, Dataset | IterableDataset]:
+    name, field, split = source.dataset_name, source.flag("dataset_name"), source.split
     try:
         loaded = datasets.load_dataset(
-            name, data_args.dataset_config_name, cache_dir=data_args.cache_dir, streaming=data_args.streaming
+            name, source.dataset_config_name, cache_dir=data_args.cache_dir, streaming=data_args.streaming
         )
     except (FileNotFoundError, ConnectionError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
-        raise LMKitError(f"--dataset_name {name}: could not load ({type(err).__name__}: {err})") from err
-    if "train" not in loaded:
-        raise LMKitError(f"--dataset_name {name}: no 'train' split (splits: {', '.join(loaded)})")
-    raw = {"train": _text_column(loaded["train"], data_args.text_column, "--dataset_name")}
-    if "validation" in loaded and data_args.validation_files is None:
-        raw["validation"] = _text_column(loaded["validation"], data_args.text_column, "--dataset_name")
+        raise LMKitError(f"{field} {name}: could not load ({type(err).__name__}: {err})") from err
+    if split not in loaded:
+        raise LMKitError(f"{field} {name}: no {split!r} split (splits: {', '.join(loaded)})")
+    column, column_flag = source.text_column, source.flag("text_column")
+    raw = {"train": _text_column(loaded[split], column, field, column_flag)}
+    if split == "train" and "validation" in loaded and data_args.validation_files is None:
+        raw["validation"] = _text_column(loaded["validation"], column, field, column_flag)
     return raw
 
 
@@ -374,6 +393,64 @@ def _fingerprint(*parts: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixtures: each source loaded and packed on its own, then mixed by weight (lmkit.mixture)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_sources(
+    data_args: DataArguments, seed: int, main_process_first: ContextFactory = contextlib.nullcontext
+) -> dict[str, DatasetDict | IterableDatasetDict]:
+    """Every source of the run (`lmkit.mixture.parse_sources`: ``--datasets``, or the one of a plain run), loaded
+    by `load_raw_datasets`, by name. Each holds out its own validation documents."""
+    return {s.name: load_raw_datasets(data_args, seed, main_process_first, s) for s in parse_sources(data_args)}
+
+
+def source_texts(raws: dict[str, DatasetDict | IterableDatasetDict]) -> Iterator[str]:
+    """The training documents of all sources, one from each in turn (a tokenizer trained on a prefix sees all)."""
+    iterators = [iter(raw["train"]) for raw in raws.values()]
+    while iterators:
+        for it in list(iterators):
+            row = next(it, None)
+            if row is None:
+                iterators.remove(it)
+            else:
+                yield row["text"]
+
+
+def build_mixture(
+    raws: dict[str, DatasetDict | IterableDatasetDict],
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: DataArguments,
+    seed: int,
+    main_process_first: ContextFactory = contextlib.nullcontext,
+) -> dict[str, Any]:
+    """Pack each source with `build_lm_datasets` and mix the training blocks by weight.
+
+    "train": the blocks mixed by `lmkit.mixture.mix_blocks` (in memory; the realized mix is logged) or a
+    `lmkit.mixture.MixtureStream` (``--streaming``; the mix of its first blocks is logged). "validation": with one
+    source its blocks, exactly as before mixtures; with several, ``{name: that source's held-out blocks}`` (each up
+    to ``--max_eval_blocks``), which `lmkit.trainer.LMTrainer.evaluate` reports as ``eval_loss`` over all of them
+    and ``eval_<name>_loss`` per source.
+    """
+    sources = parse_sources(data_args)
+    built = {s.name: build_lm_datasets(raws[s.name], tokenizer, data_args, main_process_first) for s in sources}
+    if len(sources) == 1:
+        return built[sources[0].name]
+    train = {name: parts["train"] for name, parts in built.items()}
+    block_len = row_length(data_args.block_size)
+    if data_args.streaming:
+        stream = MixtureStream(train, sources, seed)
+        first = np.bincount(stream.choices(0, 1000), minlength=len(sources))
+        logger.info("Streaming mixture; its first 1,000 blocks:")
+        log_mix({s.name: int(n) for s, n in zip(sources, first, strict=True)}, sources, block_len)
+        mixed = share_stream_across_ranks(stream)
+    else:
+        mixed, counts = mix_blocks(train, sources, seed)
+        log_mix(counts, sources, block_len)
+    return {"train": mixed, "validation": {name: parts["validation"] for name, parts in built.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from transformers import set_seed
 from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, parse_args
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.data import build_mixture, load_sources, source_texts
 from lmkit.errors import main_entry
 from lmkit.generation import sample_saved_model
 from lmkit.perf import resolve_attn_implementation
@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- data and tokenizer -----------------------------------------------------------------------------------
     with args.main_process_first(desc="load corpus"):
-        raw = load_raw_datasets(data_args, seed=args.seed)
+        raws = load_sources(data_args, seed=args.seed)  # one per --datasets source (one for --train_files)
     with args.main_process_first(desc="tokenizer"):
-        texts = (row["text"] for row in raw["train"])
+        texts = source_texts(raws)
         if data_args.streaming:  # a stream may be endless: train the tokenizer on its first documents only
             texts = islice(texts, STREAMING_TOKENIZER_DOCS)
         tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
     vocab_size = model_vocab_size(tokenizer, model_args.vocab_size, data_args.tokenizer)
-    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    datasets = build_mixture(raws, tokenizer, data_args, args.seed, main_process_first=args.main_process_first)
 
     # -- model ------------------------------------------------------------------------------------------------
     config = LMConfig(
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config._attn_implementation,
         f"{tokens_per_step(args, data_args.block_size):,}",
         len(datasets["train"]) if hasattr(datasets["train"], "__len__") else -1,
-        len(datasets["validation"]),
+        sum(map(len, v.values())) if isinstance(v := datasets["validation"], dict) else len(v),
     )
 
     # -- train, save and evaluate -----------------------------------------------------------------------------
