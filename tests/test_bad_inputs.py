@@ -152,6 +152,13 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             "--eval_strategy steps: --validation_split 0.0 holds out no validation data", str(tmp / "out-ft7")),
         Row("finetune-lora-rank", "finetune", ["--model_name_or_path", str(good_ckpt), "--use_lora", "true",
             "--lora_r", "0", "--output_dir", str(tmp / "out-ft3"), "--report_to", "none"], "--lora_r"),
+        Row("inspect-recipe", "inspect_data", ["--recipe", "sft"],
+            "--recipe must be one of pretrain, finetune, dpo, got 'sft'"),
+        Row("inspect-rows-zero", "inspect_data", ["--rows", "0"], "--rows must be >= 1, got 0"),
+        Row("inspect-no-validation", "inspect_data", ["--model_name_or_path", str(good_ckpt), "--train_files",
+            f("sft-ok4.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4), "--validation_split", "0", "--split",
+            "validation", "--output_dir", str(tmp / "out-in1")], "--split validation: this run has no validation rows",
+            str(tmp / "out-in1")),
     ]  # fmt: skip
     finished = tmp / "out-output-finished"
     finished.mkdir()
@@ -180,7 +187,7 @@ def _driver(tmp: str, rows_json: str) -> None:
 
     tmp_path = Path(tmp)
     recipes = {}
-    for name in ("pretrain", "evaluate", "generate", "publish", "finetune"):
+    for name in ("pretrain", "evaluate", "generate", "publish", "finetune", "inspect_data"):
         spec = importlib.util.spec_from_file_location(f"_recipe_{name}", REPO / "recipes" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
