@@ -218,7 +218,7 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
             )
         segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
         done = full
-    rest = render(messages)[len(done) :]
+    rest = render(messages)[len(done) :] if messages[-1]["role"] != "assistant" else ""  # else: rendered already
     if rest:
         segments.append((rest, False))
     return [s for s in segments if s[0]]
@@ -256,9 +256,13 @@ def tokenize_batch(
             row["messages"] = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     pieces = [_pieces(row, tokenizer) for row in rows]
     ids = {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     for specials in (False, True):
         texts = [text for row in pieces for text, _, with_specials in row if with_specials == specials]
-        ids[specials] = iter(tokenizer(texts, add_special_tokens=specials)["input_ids"] if texts else [])
+        if backend is not None:  # the Rust batch encoder without offsets (as `lmkit.packing.tokenize_documents`)
+            ids[specials] = iter([e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=specials)])
+        else:
+            ids[specials] = iter(tokenizer(texts, add_special_tokens=specials)["input_ids"] if texts else [])
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for row in pieces:
         example = _join_pieces([(next(ids[s]), learn) for _, learn, s in row], tokenizer.eos_token_id, train_on_prompt)
