@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, fit_length
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.data import build_lm_datasets, build_mixture, load_raw_datasets, load_sources, source_texts
 from lmkit.dpo import PreferenceCollator, build_preference_dataset, cache_root, is_conversational, load_preference_rows
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
@@ -45,15 +45,16 @@ class RecipeData:
 def pretrain_data(
     model_args: ModelArguments, data_args: DataArguments, args: LMTrainingArguments, tokenizer_docs: int
 ) -> RecipeData:
-    """recipes/pretrain.py's data: corpus, tokenizer (trained on the first ``tokenizer_docs`` documents of a
-    stream), packed blocks, `CausalLMCollator`."""
+    """recipes/pretrain.py's data: its sources (``--datasets`` or one), tokenizer (trained on the first
+    ``tokenizer_docs`` documents of a stream), packed blocks mixed by weight, `CausalLMCollator`. Validation is
+    ``{source name: blocks}`` when there are several sources."""
     check_block_size(data_args, args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
-    raw = load_raw_datasets(data_args, seed=args.seed)
-    texts = (row["text"] for row in raw["train"])
+    raws = load_sources(data_args, seed=args.seed)
+    texts = source_texts(raws)
     if data_args.streaming:
         texts = islice(texts, tokenizer_docs)
     tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
-    datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    datasets = build_mixture(raws, tokenizer, data_args, args.seed, main_process_first=args.main_process_first)
     return RecipeData(tokenizer, datasets, CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
 
 
@@ -93,8 +94,9 @@ def finetune_data(
         datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
     else:
         datasets = build_sft_datasets(
-            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed
-        )
+            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
+            main_process_first=args.main_process_first,
+        )  # fmt: skip
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
     return RecipeData(tokenizer, datasets, collator)

@@ -65,7 +65,9 @@ def which_recipe(argv: list[str]) -> str:
 
 
 def first_rows(dataset: Any, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` rows of a map-style dataset or a stream."""
+    """The first ``n`` rows of a map-style dataset or a stream; of a mixture's {source: blocks}, source by source."""
+    if isinstance(dataset, dict):
+        return list(islice((row for part in dataset.values() for row in first_rows(part, n)), n))
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         return [dataset[i] for i in range(min(n, len(dataset)))]
     return list(islice(iter(dataset), n))

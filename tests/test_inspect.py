@@ -4,6 +4,7 @@ collator makes them (the JSON's trained mask is the collator's labels != -100) a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from _recipes import load_recipe
@@ -20,6 +21,7 @@ from lmkit.sft import tokenize_example
 from lmkit.tokenizer import build_tokenizer
 
 X = -100
+CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
 class Tok:
@@ -141,7 +143,7 @@ def test_recipe_pretraining_blocks(tmp_path, capsys):
     out = tmp_path / "out"
     flags = ["--train_files", str(tmp_path / "train.txt"), "--validation_files", str(tmp_path / "val.txt"),
              "--tokenizer", "char", "--block_size", "8", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
-    rows = _inspect(["--config", "recipes/configs/tiny.yaml", *flags, "--rows", "3", "--output_dir", str(out)], capsys)
+    rows = _inspect(["--config", str(CONFIGS / "tiny.yaml"), *flags, "--rows", "3", "--output_dir", str(out)], capsys)
     # The same blocks, built here step by step: char tokenizer, documents joined by EOS, blocks of 9 tokens.
     data_args = DataArguments(train_files=[str(tmp_path / "train.txt")], validation_files=[str(tmp_path / "val.txt")],
                               tokenizer="char", block_size=8, cache_dir=str(tmp_path / "cache"))  # fmt: skip
@@ -158,6 +160,19 @@ def test_recipe_pretraining_blocks(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_recipe_mixture_validation_rows_come_source_by_source(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("aaaa aaaa aaaa\n\n" * 8)
+    (tmp_path / "b.txt").write_text("bbbb bbbb bbbb\n\n" * 8)
+    sources = [{"name": n, "files": str(tmp_path / f"{n}.txt"), "weight": 1} for n in ("a", "b")]
+    rows = _inspect(["--datasets", json.dumps(sources), "--tokenizer", "char", "--block_size", "8",
+                     "--validation_split", "0.25", "--split", "validation", "--rows", "9", "--cache_dir",
+                     str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")], capsys)  # fmt: skip
+    # 2 of 8 documents held out per source: 2 x 15 tokens = 3 blocks of 9 from each source, "a" first.
+    letters = ["".join(t for t in r["tokens"] if t in "ab") for r in rows]
+    assert [s[0] for s in letters] == ["a", "a", "a", "b", "b", "b"] and all(len(set(s)) == 1 for s in letters)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("inspect") / "ckpt"
@@ -169,7 +184,7 @@ def test_recipe_packed_sft_rows(tmp_path, checkpoint, capsys):
     examples = [{"prompt": "Q: hi\n", "completion": "A: yes"}, {"prompt": "Q: no\n", "completion": "A: ok then"}]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
     out = tmp_path / "out"
-    rows = _inspect(["--config", "recipes/configs/sft-full.yaml", "--model_name_or_path", str(checkpoint),
+    rows = _inspect(["--config", str(CONFIGS / "sft-full.yaml"), "--model_name_or_path", str(checkpoint),
                      "--train_files", str(tmp_path / "sft.jsonl"), "--validation_split", "0", "--packing", "true",
                      "--block_size", "40", "--rows", "1", "--output_dir", str(out)], capsys)  # fmt: skip
     tokenizer, _ = load_tokenizer(str(checkpoint))
@@ -187,7 +202,7 @@ def test_recipe_preference_pairs(tmp_path, checkpoint, capsys):
              {"prompt": "Q: so\n", "chosen": "A: fine", "rejected": "A: bad"}]  # fmt: skip
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     out = tmp_path / "out"
-    rows = _inspect(["--config", "recipes/configs/dpo.yaml", "--model_name_or_path", str(checkpoint), "--train_files",
+    rows = _inspect(["--config", str(CONFIGS / "dpo.yaml"), "--model_name_or_path", str(checkpoint), "--train_files",
                      str(tmp_path / "pairs.jsonl"), "--validation_split", "0", "--rows", "2", "--cache_dir",
                      str(tmp_path / "cache"), "--output_dir", str(out)], capsys)  # fmt: skip
     tokenizer, _ = load_tokenizer(str(checkpoint))
@@ -201,9 +216,9 @@ def test_recipe_preference_pairs(tmp_path, checkpoint, capsys):
 
 def test_recipe_is_told_from_the_flags_and_config():
     which = load_recipe("inspect_data").which_recipe
-    assert which(["--config", "recipes/configs/tiny.yaml"]) == "pretrain"
-    assert which(["--config", "recipes/configs/sft-full.yaml"]) == "finetune"
+    assert which(["--config", str(CONFIGS / "tiny.yaml")]) == "pretrain"
+    assert which(["--config", str(CONFIGS / "sft-full.yaml")]) == "finetune"
     assert which(["--model_name_or_path", "m"]) == "finetune"
-    assert which(["--config", "recipes/configs/dpo.yaml"]) == "dpo"
+    assert which(["--config", str(CONFIGS / "dpo.yaml")]) == "dpo"
     assert which(["--model_name_or_path", "m", "--beta", "0.2"]) == "dpo"
     assert which(["--recipe", "pretrain", "--model_name_or_path", "m"]) == "pretrain"
