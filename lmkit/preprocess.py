@@ -90,6 +90,8 @@ def preprocess(
         raise LMKitError("--streaming: preprocess writes the whole dataset; drop the flag")
     if data_args.tokenized_dataset is not None:
         raise LMKitError("--tokenized_dataset: preprocess reads raw text (--train_files / --dataset_name)")
+    if getattr(data_args, "datasets", None) is not None:  # manifest "sources" is a list, ready for mixtures
+        raise LMKitError("--datasets: preprocess writes one source (--train_files or --dataset_name) for now")
     out = Path(output_dir)
     request = describe_request(data_args, vocab_size, seed)
     if _holds_request(out, request, overwrite):

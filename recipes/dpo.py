@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- setup ------------------------------------------------------------------------------------------------
     groups = (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments)
     model_args, data_args, ft_args, pref_args, args = parse_args(groups, argv, DEFAULT_DPO_CONFIG)
+    if data_args.tokenized_dataset is not None:
+        raise LMKitError("--tokenized_dataset holds packed text blocks; preference tuning reads pairs (--train_files)")
     if ft_args.train_on_prompt:
         raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
     if ft_args.load_in_4bit:

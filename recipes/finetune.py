@@ -29,11 +29,13 @@ from lmkit.args import (
     LMTrainingArguments,
     ModelArguments,
     check_block_size,
+    explicit_fields,
     fit_evaluation,
     parse_args,
 )
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_lm_datasets, load_raw_datasets
+from lmkit.data import build_lm_datasets, load_raw_datasets, load_tokenized_dataset, use_tokenized_dataset
+from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.finetune import LoadedModel, load_starting_point, load_tokenizer, merge_lora, prepare_model
 from lmkit.finetune_args import FinetuneArguments
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, ft_args, args = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments), argv, DEFAULT_SFT_CONFIG
     )
+    use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
     spec, model_config = load_starting_point(model_args)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     checks = partial(check_block_size, data_args, args, max_positions, "the model's max_position_embeddings")
@@ -86,13 +89,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     # -- data -------------------------------------------------------------------------------------------------
-    if fmt == TEXT:  # continued pretraining: the pretraining pipeline, packed blocks of --block_size + 1
-        raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=args.main_process_first)
-        datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
+    main_first = partial(main_process_first, args)
+    if data_args.tokenized_dataset is not None:  # recipes/preprocess.py's blocks, made with this model's tokenizer
+        datasets, _ = load_tokenized_dataset(data_args, tokenizer)
+    elif fmt == TEXT:  # continued pretraining: the pretraining pipeline, packed blocks of --block_size + 1
+        raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=main_first)
+        datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=main_first)
     else:
         datasets = build_sft_datasets(
             data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
-            main_process_first=args.main_process_first,
+            main_process_first=main_first,
         )  # fmt: skip
     if datasets["validation"] is None or len(datasets["validation"]) == 0:
         datasets["validation"] = None

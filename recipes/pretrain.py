@@ -18,9 +18,17 @@ from pathlib import Path
 from transformers import set_seed
 
 from lmkit import LMConfig, LMForCausalLM
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, parse_args
+from lmkit.args import (
+    DataArguments,
+    LMTrainingArguments,
+    ModelArguments,
+    check_block_size,
+    explicit_fields,
+    parse_args,
+)
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_mixture, load_sources, source_texts
+from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, source_texts, use_tokenized_dataset
+from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.generation import sample_saved_model
 from lmkit.perf import resolve_attn_implementation
@@ -39,20 +47,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args: DataArguments
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
+    use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
     limit = "the model's --max_position_embeddings"
     checks = partial(check_block_size, data_args, args, model_args.max_position_embeddings, limit)
     resume_from = prepare_run(args, model_args, data_args, checks=checks)
 
     # -- data and tokenizer -----------------------------------------------------------------------------------
-    with args.main_process_first(desc="load corpus"):
-        raws = load_sources(data_args, seed=args.seed)  # one per --datasets source (one for --train_files)
-    with args.main_process_first(desc="tokenizer"):
-        texts = source_texts(raws)
-        if data_args.streaming:  # a stream may be endless: train the tokenizer on its first documents only
-            texts = islice(texts, STREAMING_TOKENIZER_DOCS)
-        tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
+    if data_args.tokenized_dataset is not None:  # tokenized once by recipes/preprocess.py: nothing to do here
+        datasets, tokenizer = load_tokenized_dataset(data_args)
+    else:
+        with main_process_first(args, desc="load corpus"):
+            raws = load_sources(data_args, seed=args.seed)  # one per --datasets source (one for --train_files)
+        with main_process_first(args, desc="tokenizer"):
+            texts = source_texts(raws)
+            if data_args.streaming:  # a stream may be endless: train the tokenizer on its first documents only
+                texts = islice(texts, STREAMING_TOKENIZER_DOCS)
+            tokenizer = build_tokenizer(data_args.tokenizer, texts, model_args.vocab_size)
+        datasets = build_mixture(
+            raws, tokenizer, data_args, args.seed, main_process_first=partial(main_process_first, args)
+        )
     vocab_size = model_vocab_size(tokenizer, model_args.vocab_size, data_args.tokenizer)
-    datasets = build_mixture(raws, tokenizer, data_args, args.seed, main_process_first=args.main_process_first)
 
     # -- model ------------------------------------------------------------------------------------------------
     config = LMConfig(

@@ -1,0 +1,164 @@
+"""Tokenize once (recipes/preprocess.py, lmkit.preprocess) and ``--tokenized_dataset``; the main process tokenizes
+first without a collective timeout (lmkit.distributed.main_process_first)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import time
+from pathlib import Path
+
+import pytest
+from _accelerate import REPO, TINY_PRETRAIN, free_port, run
+from datasets import load_from_disk
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+import lmkit.data
+from lmkit.args import DataArguments
+from lmkit.data import (
+    build_lm_datasets,
+    load_raw_datasets,
+    load_tokenized_dataset,
+    read_tokenized_manifest,
+    tokenizer_hash,
+    use_tokenized_dataset,
+)
+from lmkit.errors import LMKitError
+from lmkit.preprocess import preprocess
+from lmkit.tokenizer import build_tokenizer
+
+CORPUS = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_main_process_tokenizes_longer_than_the_ddp_timeout(tmp_path):
+    # Rank 0 tokenizes each split for 7 s (a slowed tokenizer) while every collective times out after 5 s (as
+    # --ddp_timeout 5 does on GPUs; see _slow_tokenize.py): rank 1 waits for a marker file, not in a barrier. With
+    # transformers' main_process_first (lmkit before it), rank 1's barrier fails after 5 s: "Timed out".
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    two = ("--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()))  # fmt: skip
+    start = time.monotonic()
+    code, out = run(
+        "../tests/_slow_tokenize", str(REPO / "recipes" / "pretrain.py"), *TINY_PRETRAIN, "--train_files",
+        str(corpus), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--max_steps",
+        "2", "--ddp_timeout", "5", cwd=tmp_path, launcher_args=two, LMKIT_TEST_TOKENIZE_SLEEP="7",
+        LMKIT_TEST_PG_TIMEOUT="5", timeout=400,
+    )  # fmt: skip
+    assert code == 0, out[-4000:]
+    assert time.monotonic() - start > 14  # the two slowed splits really ran
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# -- preprocess: the blocks of build_lm_datasets, a manifest, a folder that appears whole ------------------------
+
+
+def _data_args(tmp: Path, **kw) -> DataArguments:
+    corpus = tmp / "c.txt"
+    if not corpus.exists():
+        corpus.write_text("to be or\n\nnot to be\n\nthat is\n\nthe question\n")
+    kw = {"train_files": [str(corpus)], "tokenizer": "char", "block_size": 7, "validation_split": 0.25,
+          "split_mode": "tail", "cache_dir": str(tmp / "cache"), **kw}  # fmt: skip
+    return DataArguments(**kw)
+
+
+# "to be or", EOS (11), "not to be", EOS, "that is", EOS in blocks of 8; validation: "the question" (one block)
+TRAIN_BLOCKS = [[10, 7, 0, 2, 3, 0, 7, 8], [11, 6, 7, 10, 0, 10, 7, 0], [2, 3, 11, 10, 4, 1, 10, 0]]
+VALIDATION_BLOCKS = [[10, 4, 3, 0, 13, 13, 3, 9]]
+
+
+def test_preprocess_writes_the_blocks_of_build_lm_datasets(tmp_path):
+    data_args = _data_args(tmp_path)
+    written, manifest = preprocess(data_args, tmp_path / "out", seed=1)
+    assert written
+    on_disk = load_from_disk(str(tmp_path / "out"))
+    assert list(on_disk["train"]["input_ids"]) == TRAIN_BLOCKS
+    assert list(on_disk["validation"]["input_ids"]) == VALIDATION_BLOCKS
+    raw = load_raw_datasets(data_args, seed=1)
+    reference = build_lm_datasets(raw, build_tokenizer("char", (r["text"] for r in raw["train"])), data_args)
+    assert list(reference["train"]["input_ids"]) == TRAIN_BLOCKS
+    assert list(reference["validation"]["input_ids"]) == VALIDATION_BLOCKS
+
+    assert manifest == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    corpus = tmp_path / "c.txt"
+    assert manifest["sources"] == [{
+        "name": "train_files", "files": [{"path": str(corpus.resolve()), "bytes": 43,
+                                          "mtime_ns": corpus.stat().st_mtime_ns}],
+        "text_column": "text", "weight": 1.0,
+    }]  # fmt: skip
+    assert manifest["splits"] == {"train": {"blocks": 3, "tokens": 24, "shards": 1},
+                                  "validation": {"blocks": 1, "tokens": 8, "shards": 1}}  # fmt: skip
+    assert (manifest["block_size"], manifest["tokenizer"], manifest["lmkit_version"]) == (7, "char", "0.1.0")
+    # the tokenizer beside the blocks is the one that made them
+    splits, tokenizer = load_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "out")))
+    assert tokenizer_hash(tokenizer) == manifest["tokenizer_hash"]
+    assert tokenizer.convert_ids_to_tokens(TRAIN_BLOCKS[0]) == list("to be or")
+    assert list(splits["train"]["input_ids"]) == TRAIN_BLOCKS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "cache", "out"]  # no staging folder left
+
+
+def test_preprocess_output_dir_up_to_date_refused_overwritten(tmp_path):
+    out = tmp_path / "out"
+    assert preprocess(_data_args(tmp_path), out, seed=1)[0]
+    before = (out / "train" / "data-00000-of-00001.arrow").stat().st_mtime_ns
+    assert preprocess(_data_args(tmp_path), out, seed=1) == (False, json.loads((out / "manifest.json").read_text()))
+    with pytest.raises(LMKitError, match=f"--output_dir {out}: already holds another tokenized dataset "
+                                         r"\(its block_size differs\); pass --overwrite_output_dir"):  # fmt: skip
+        preprocess(_data_args(tmp_path, block_size=3), out, seed=1)
+    assert (out / "train" / "data-00000-of-00001.arrow").stat().st_mtime_ns == before
+    written, manifest = preprocess(_data_args(tmp_path, block_size=3), out, seed=1, overwrite=True)
+    assert written and manifest["splits"]["train"]["blocks"] == 6
+    assert json.loads((out / "manifest.json").read_text())["block_size"] == 3
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "model.safetensors").write_text("precious")
+    with pytest.raises(LMKitError, match="already holds files that are not a tokenized dataset"):
+        preprocess(_data_args(tmp_path), other, seed=1)
+
+
+def test_preprocess_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    def crash(self, *args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        preprocess(_data_args(tmp_path), tmp_path / "out", seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "cache"]
+
+
+# -- --tokenized_dataset --------------------------------------------------------------------------------------
+
+
+def test_pretrain_on_a_tokenized_dataset_reads_no_text(tmp_path, monkeypatch):
+    preprocess(_data_args(tmp_path, block_size=4, validation_split=0.05), tmp_path / "tok", seed=1)
+    (tmp_path / "c.txt").unlink()  # nothing left to read or tokenize
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(lmkit.data, "_tokenize_batch", no_tokenizing)
+    pretrain = runpy.run_path(str(REPO / "recipes" / "pretrain.py"))
+    metrics = pretrain["main"]([*TINY_PRETRAIN, "--block_size", "4", "--max_position_embeddings", "4", "--max_steps",
+                                "2", "--tokenized_dataset", str(tmp_path / "tok"), "--output_dir",
+                                str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false"])  # fmt: skip
+    assert metrics["train_runtime"] > 0
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tokenizer_hash(saved) == json.loads((tmp_path / "tok" / "manifest.json").read_text())["tokenizer_hash"]
+
+
+def test_tokenized_dataset_block_size_follows_the_manifest_unless_explicit(tmp_path):
+    preprocess(_data_args(tmp_path), tmp_path / "tok", seed=1)
+    data_args = DataArguments(tokenized_dataset=str(tmp_path / "tok"))  # block_size: the default 256
+    use_tokenized_dataset(data_args, frozenset())
+    assert data_args.block_size == 7
+    with pytest.raises(LMKitError, match=r"--block_size 16: --tokenized_dataset .* was packed with --block_size 7"):
+        use_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "tok"), block_size=16), {"block_size"})
+    with pytest.raises(LMKitError, match="--tokenized_dataset is already tokenized: drop --train_files"):
+        DataArguments(tokenized_dataset=str(tmp_path / "tok"), train_files=["x.txt"])
+    with pytest.raises(LMKitError, match=r"manifest.json: missing \(not a folder written by recipes/preprocess.py\)"):
+        read_tokenized_manifest(tmp_path)
+    other = build_tokenizer("char", ["xyz"])
+    with pytest.raises(LMKitError, match="tokenized with another tokenizer"):
+        load_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "tok")), tokenizer=other)
