@@ -172,7 +172,7 @@ def load_files(
             **kwargs,
         )
     except Exception as err:  # datasets wraps decode/parse errors without the file name; find the culprit
-        problem = _diagnose(files, builder, column, field)
+        problem = _diagnose(files, builder, column, field, column_flag)
         if problem is None and isinstance(err, ValueError) and "corresponds to no data" in str(err):
             problem = _no_documents(files, field)
         if problem is None:
@@ -182,7 +182,7 @@ def load_files(
         table = ds.data
         bad = column not in ds.column_names or not pa.types.is_string(table.schema.field(column).type)
         if bad or table.column(column).null_count:
-            problem = _diagnose(files, builder, column, field)
+            problem = _diagnose(files, builder, column, field, column_flag)
             raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see {column_flag})")
     ds = _text_column(ds, column, field, column_flag)
     if not data_args.streaming and len(ds) == 0:
@@ -204,20 +204,20 @@ def _text_column(
     return ds.rename_column(column, "text") if column != "text" else ds
 
 
-def _diagnose(files: list[Path], builder: str, column: str, field: str) -> str | None:
+def _diagnose(files: list[Path], builder: str, column: str, field: str, column_flag: str) -> str | None:
     """The first user-fixable problem in ``files`` as a one-line message, or None. Only run after a failure."""
     for file in files:
         if builder in ("text", "json") and (offset := utf8_error_offset(file)) is not None:
             return f"{field} {file}: not UTF-8 text (invalid byte at offset {offset})"
         if builder == "json" and (problem := _json_problem(file, column, field)):
-            return f"{problem} (see --text_column)"
+            return f"{problem} (see {column_flag})"
         if builder == "parquet":
             try:
                 names = pq.read_schema(file).names
             except (OSError, pa.ArrowException) as err:
                 return f"{field} {file}: not a readable parquet file ({err})"
             if column not in names:
-                return f"{field} {file}: no column {column!r} (columns: {', '.join(names)}; see --text_column)"
+                return f"{field} {file}: no column {column!r} (columns: {', '.join(names)}; see {column_flag})"
     return None
 
 

@@ -71,6 +71,9 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         train = ["--train_files", data] if data else []
         return Row(rid, "pretrain", [*FAST, *train, "--output_dir", out, *argv], fragment, out, **kw)
 
+    def mix(*sources: tuple[str, object]) -> str:  # a --datasets mixture of the corpus, by (name, weight)
+        return json.dumps([{"name": name, "files": str(corpus), "weight": weight} for name, weight in sources])
+
     good_ckpt = tmp / "run" / "checkpoint-2"  # made by the driver before the rows run (see _driver)
     ckpt = lambda name: str(tmp / "ckpts" / name)  # noqa: E731  (copies of good_ckpt, broken on purpose)
 
@@ -159,6 +162,23 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             f("sft-ok4.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4), "--validation_split", "0", "--split",
             "validation", "--output_dir", str(tmp / "out-in1")], "--split validation: this run has no validation rows",
             str(tmp / "out-in1")),
+        pre("mix-weight-negative", "--datasets", mix(("books", -1)), data=None,
+            fragment="--datasets books.weight must be a positive number, got -1"),
+        pre("mix-weight-zero", "--datasets", mix(("books", 0), ("code", 1)), data=None,
+            fragment="--datasets books.weight must be a positive number, got 0"),
+        pre("mix-weight-not-number", "--datasets", mix(("books", "lots")), data=None,
+            fragment="--datasets books.weight must be a positive number, got 'lots'"),
+        pre("mix-weights-sum-zero", "--datasets", mix(("books", 0), ("code", 0.0)), data=None,
+            fragment="--datasets: the weights sum to zero (0, 0.0)"),
+        pre("mix-no-source", "--datasets", json.dumps([{"name": "books", "weight": 1}]), data=None,
+            fragment="--datasets books: give exactly one of files and dataset_name"),
+        pre("mix-duplicate-name", "--datasets", mix(("books", 1), ("books", 2)), data=None,
+            fragment="--datasets books: two sources are named 'books'"),
+        pre("mix-no-text-column", "--datasets", json.dumps([{"name": "code", "weight": 1, "text_column": "text",
+            "files": f("mix-code.jsonl", '{"content": "x = 1"}\n' * 3)}]), data=None,
+            fragment="--datasets code.files"),
+        pre("mix-with-train-files", "--datasets", mix(("books", 1)),
+            fragment="--datasets cannot be combined with --train_files"),
     ]  # fmt: skip
     finished = tmp / "out-output-finished"
     finished.mkdir()
