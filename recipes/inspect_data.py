@@ -9,7 +9,7 @@
 It takes the flags and YAML of the recipe it inspects and builds the data as that recipe does (lmkit.recipe_data),
 then collates the first --rows rows of --split with the recipe's collator and prints them (lmkit.inspect):
 --format text (one compact line per row), table (one line per position) or json (one object per row or pair).
---recipe pretrain|finetune|dpo says which recipe; without it, a preference field (--loss_type, --beta, ...) in
+--recipe pretrain|finetune|dpo (or recipe: in the YAML) says which recipe; without it, a preference field (--loss_type, --beta, ...) in
 the flags or --config means dpo, else a fine-tuning field or --model_name_or_path means finetune, else pretrain.
 Nothing is trained or written to --output_dir, and no accelerator is needed. The Trainer shuffles training rows:
 these are the first in dataset order.
@@ -52,11 +52,15 @@ def _recipe(name: str) -> ModuleType:
 def which_recipe(argv: list[str]) -> str:
     """``--recipe`` if given; else dpo when a preference field is set (flags or --config), finetune when a
     fine-tuning field or --model_name_or_path is, else pretrain."""
-    if "--recipe" in argv and argv.index("--recipe") + 1 < len(argv):
-        return argv[argv.index("--recipe") + 1]
-    keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    if "config" in keys and argv.index("--config") + 1 < len(argv):
-        keys |= set(load_yaml_config(argv[argv.index("--config") + 1]))
+    given = {}  # flag -> value, as argparse reads "--flag value" and "--flag=value"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            given[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    config = load_yaml_config(given["config"]) if given.get("config") else {}  # parse_args reads "--config FILE"
+    if given.get("recipe") or config.get("recipe"):
+        return given.get("recipe") or config["recipe"]
+    keys = set(given) | set(config)
     if keys & {f.name for f in fields(PreferenceArguments)}:
         return "dpo"
     if keys & ({f.name for f in fields(FinetuneArguments)} | {"model_name_or_path"}):

@@ -222,3 +222,4 @@ def test_recipe_is_told_from_the_flags_and_config():
     assert which(["--config", str(CONFIGS / "dpo.yaml")]) == "dpo"
     assert which(["--model_name_or_path", "m", "--beta", "0.2"]) == "dpo"
     assert which(["--recipe", "pretrain", "--model_name_or_path", "m"]) == "pretrain"
+    assert which(["--model_name_or_path", "m", "--recipe=dpo"]) == "dpo"
