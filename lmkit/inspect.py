@@ -105,12 +105,14 @@ def view_sequence(
     tokenizer: Any,
     position_ids: list[int] | None = None,
     attention_mask: list[int] | None = None,
+    eos_separates: bool = True,
 ) -> RowView:
     """A `RowView` of one collated sequence.
 
     Padding: positions with ``attention_mask`` 0; in a packed row (``position_ids`` given, no mask), the last run
     of positions from a restart at 0 that holds only pad tokens and no targets (`lmkit.packing.pack_examples`).
-    A document starts where ``position_ids`` restart at 0, or, without them, right after an EOS.
+    A document starts where ``position_ids`` restart at 0, or, without them and with ``eos_separates`` (packed
+    pretraining blocks; not SFT rows, whose chat template may end turns with EOS), right after an EOS.
     Without ``position_ids`` the model numbers positions 0, 1, ..., and so does the view.
     """
     n = len(input_ids)
@@ -124,7 +126,7 @@ def view_sequence(
             if last > 0 and all(input_ids[i] == tokenizer.pad_token_id and targets[i] == IGNORE_INDEX for i in tail):
                 padding[last:] = [True] * (n - last)
     if position_ids is None:
-        doc_starts = [i > 0 and input_ids[i - 1] == tokenizer.eos_token_id for i in range(n)]
+        doc_starts = [eos_separates and i > 0 and input_ids[i - 1] == tokenizer.eos_token_id for i in range(n)]
         position_ids = list(range(n))
     else:
         doc_starts = [i > 0 and p == 0 for i, p in enumerate(position_ids)]
@@ -144,9 +146,9 @@ def view_sequence(
     )
 
 
-def row_views(batch: dict[str, Any], tokenizer: Any) -> list[RowView]:
+def row_views(batch: dict[str, Any], tokenizer: Any, eos_separates: bool = True) -> list[RowView]:
     """One `RowView` per row of a `CausalLMCollator` batch (``input_ids``, ``labels``, optional ``position_ids``
-    and ``attention_mask``)."""
+    and ``attention_mask``); ``eos_separates``: an EOS ends a document (pretraining blocks, see `view_sequence`)."""
     return [
         view_sequence(
             _list(batch["input_ids"])[i],
@@ -154,6 +156,7 @@ def row_views(batch: dict[str, Any], tokenizer: Any) -> list[RowView]:
             tokenizer,
             position_ids=_list(batch["position_ids"])[i] if "position_ids" in batch else None,
             attention_mask=_list(batch["attention_mask"])[i] if "attention_mask" in batch else None,
+            eos_separates=eos_separates,
         )
         for i in range(len(batch["input_ids"]))
     ]
@@ -179,7 +182,10 @@ def pair_views(batch: dict[str, Any], tokenizer: Any) -> list[tuple[RowView, Row
                 )
             )
         else:
-            views.append(view_sequence(input_ids[s], targets[s], tokenizer, attention_mask=mask[s] if mask else None))
+            attention = mask[s] if mask else None
+            views.append(
+                view_sequence(input_ids[s], targets[s], tokenizer, attention_mask=attention, eos_separates=False)
+            )
     half = n_seqs // 2
     return [(views[k], views[half + k]) for k in range(half)]
 

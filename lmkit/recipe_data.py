@@ -34,12 +34,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RecipeData:
     """What a recipe hands the Trainer: ``datasets`` {"train", "validation"} (a split may be None), the
-    ``collator`` that batches them, the ``tokenizer`` that made them, and whether rows are preference pairs."""
+    ``collator`` that batches them, the ``tokenizer`` that made them, whether rows are preference pairs, and
+    whether rows are documents joined by EOS (packed text blocks) rather than one example each (SFT)."""
 
     tokenizer: PreTrainedTokenizerBase
     datasets: dict[str, Any]
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     preference: bool = False
+    eos_separates: bool = True
 
 
 def pretrain_data(
@@ -99,7 +101,7 @@ def finetune_data(
         )  # fmt: skip
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
-    return RecipeData(tokenizer, datasets, collator)
+    return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT)
 
 
 def dpo_data(

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
     if data.preference:
         text = render_pairs(pair_views(batch, data.tokenizer), show.format)
     else:
-        text = render_rows(row_views(batch, data.tokenizer), show.format)
+        text = render_rows(row_views(batch, data.tokenizer, data.eos_separates), show.format)
     print(text, flush=True)
     return text
 

@@ -15,7 +15,7 @@ from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.dpo import PreferenceCollator, tokenize_pair
 from lmkit.finetune import load_tokenizer
-from lmkit.inspect import LEGEND, escape, pair_views, render_pairs, render_rows, row_views, table
+from lmkit.inspect import LEGEND, escape, pair_views, render_pairs, render_rows, row_views, summary, table
 from lmkit.packing import pack_examples
 from lmkit.sft import tokenize_example
 from lmkit.tokenizer import build_tokenizer
@@ -57,6 +57,13 @@ def test_sft_prompt_completion_rows_mask_the_prompt_and_show_padding():
         "row 0: 7 tokens, 4 trained, 1 document\n⟦<s>Q:\\n⟧A:ok</s>\n\n"
         "row 1: 3 tokens, 2 trained, 1 document, 4 padding\n⟦<s>Q⟧A</s>⟨pad×4⟩"
     )
+
+
+def test_an_eos_inside_an_sft_row_does_not_start_a_document():
+    # A chat template that ends a turn with EOS (as Qwen's <|im_end|> is): one example, one document.
+    batch = CausalLMCollator(pad_token_id=0)([{"input_ids": [3, 8, 1, 3, 9, 1], "labels": [X, 8, 1, X, 9, 1]}])
+    assert summary(row_views(batch, Tok(), eos_separates=False)[0]) == "5 tokens, 4 trained, 1 document"
+    assert summary(row_views(batch, Tok())[0]) == "5 tokens, 4 trained, 2 documents"
 
 
 PACKED = [{"input_ids": [2, 3, 8, 1], "labels": [X, X, 8, 1]}, {"input_ids": [2, 3, 9, 1], "labels": [X, X, 9, 1]}]
