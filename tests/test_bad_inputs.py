@@ -78,6 +78,9 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
     ckpt = lambda name: str(tmp / "ckpts" / name)  # noqa: E731  (copies of good_ckpt, broken on purpose)
 
     parquet_bad = f("broken.parquet", b"PAR1 this is not parquet")
+    (tmp / "tok").mkdir()  # a tokenized dataset's manifest: 16-token blocks by a tokenizer no model here has
+    tok = str(tmp / "tok")
+    f("tok/manifest.json", json.dumps({"format": "lmkit-tokenized-1", "block_size": 16, "tokenizer_hash": "0" * 32}))
     rows = [
         # -- config files and flags ---------------------------------------------------------------------------
         pre("config-missing", "--config", str(tmp / "nope.yaml"), fragment="--config"),
@@ -179,6 +182,18 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             fragment="--datasets code.files"),
         pre("mix-with-train-files", "--datasets", mix(("books", 1)),
             fragment="--datasets cannot be combined with --train_files"),
+        # -- tokenized datasets (recipes/preprocess.py, --tokenized_dataset) ----------------------------------
+        pre("tokenized-block-size", "--tokenized_dataset", tok, "--block_size", "8", data=None,
+            fragment=f"--block_size 8: --tokenized_dataset {tok} was packed with --block_size 16"),
+        pre("tokenized-with-train-files", "--tokenized_dataset", tok,
+            fragment="--tokenized_dataset is already tokenized: drop --train_files"),
+        pre("tokenized-no-manifest", "--tokenized_dataset", str(tmp), data=None, fragment="manifest.json: missing"),
+        Row("tokenized-other-tokenizer", "finetune", ["--model_name_or_path", str(good_ckpt), "--tokenized_dataset",
+            tok, "--output_dir", str(tmp / "out-ft8"), "--report_to", "none"],
+            f"--tokenized_dataset {tok}: tokenized with another tokenizer", str(tmp / "out-ft8")),
+        Row("preprocess-output-taken", "preprocess", ["--tokenizer", "char", "--train_files", str(corpus),
+            "--block_size", "8", "--output_dir", tok], f"--output_dir {tok}: already holds another tokenized dataset",
+            tok, keep=["manifest.json"]),
     ]  # fmt: skip
     finished = tmp / "out-output-finished"
     finished.mkdir()
@@ -207,7 +222,7 @@ def _driver(tmp: str, rows_json: str) -> None:
 
     tmp_path = Path(tmp)
     recipes = {}
-    for name in ("pretrain", "evaluate", "generate", "publish", "finetune", "inspect_data"):
+    for name in ("pretrain", "evaluate", "generate", "publish", "finetune", "inspect_data", "preprocess"):
         spec = importlib.util.spec_from_file_location(f"_recipe_{name}", REPO / "recipes" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
