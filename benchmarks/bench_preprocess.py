@@ -1,0 +1,129 @@
+"""Tokenize once: recipes/preprocess.py against run_clm's ``map(tokenize) + group_texts``, side by side.
+
+    python benchmarks/bench_preprocess.py --sizes_mb 10 100 --workers 2
+
+For each corpus size (tinyshakespeare repeated, one document a line as run_clm reads .txt), in fresh processes and
+fresh caches: preprocess's wall time, tokens/s and peak RSS (the main process and the largest worker), then the
+reference at the same number of processes and the ratio; last, the wall time of a 1-step pretrain on each
+preprocessed size (start-up to the first step and the save: it should not grow with the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO / "lmkit" / "corpus" / "tinyshakespeare.txt"
+
+# run_clm.py (transformers examples), as it tokenizes and groups: the reference, kept inline on purpose.
+REFERENCE = r"""
+import json, resource, sys, time
+from itertools import chain
+from datasets import load_dataset
+from transformers import AutoTokenizer
+corpus, tokenizer_dir, cache, workers, block_size = sys.argv[1:6]
+workers, block_size = int(workers), int(block_size)
+t0 = time.perf_counter()
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+raw = load_dataset("text", data_files={"train": corpus}, cache_dir=cache)
+def tokenize_function(examples):
+    return tokenizer(examples["text"])
+tokenized = raw.map(tokenize_function, batched=True, num_proc=workers, remove_columns=["text"])
+def group_texts(examples):
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated[list(examples.keys())[0]])
+    total_length = (total_length // block_size) * block_size
+    return {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+grouped = tokenized.map(group_texts, batched=True, num_proc=workers)
+n = len(grouped["train"]) * block_size
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
+      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+OURS = r"""
+import json, resource, sys, time
+sys.argv = [sys.argv[0], *sys.argv[1:]]
+t0 = time.perf_counter()
+import runpy
+recipe = runpy.run_path(sys.argv.pop(1))
+manifest = recipe["main"](sys.argv[1:])
+n = sum(s["tokens"] for s in manifest["splits"].values())
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
+      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def run(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
+    return json.loads(line[len("RESULT ") :])
+
+
+def make_corpus(path: Path, megabytes: int) -> None:
+    text = SHAKESPEARE.read_bytes()
+    with path.open("wb") as f:
+        for _ in range(-(-megabytes * 2**20 // len(text))):
+            f.write(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes_mb", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--block_size", type=int, default=1024)
+    opts = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    from lmkit.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("train", SHAKESPEARE.read_text().split("\n\n"), 8192)
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    print(f"cpu: {_cpu()}; workers {opts.workers}; block_size {opts.block_size}; BPE vocab {len(tokenizer)}")
+    first_step = {}
+    for mb in opts.sizes_mb:
+        corpus = tmp / f"corpus-{mb}.txt"
+        make_corpus(corpus, mb)
+        out = tmp / f"tok-{mb}"
+        flags = ["--train_files", corpus, "--tokenizer", tmp / "tokenizer", "--block_size", opts.block_size,
+                 "--sample_by", "line", "--preprocessing_num_workers", opts.workers, "--cache_dir", tmp / f"c-{mb}",
+                 "--output_dir", out, "--max_position_embeddings", opts.block_size]  # fmt: skip
+        ours = run(OURS, REPO / "recipes" / "preprocess.py", *flags)
+        ref = run(REFERENCE, corpus, tmp / "tokenizer", tmp / f"r-{mb}", opts.workers, opts.block_size)
+        ours_tps, ref_tps = ours["tokens"] / ours["seconds"], ref["tokens"] / ref["seconds"]
+        print(
+            f"{mb} MB: preprocess {ours['seconds']:.1f} s, {ours_tps:,.0f} tokens/s, peak RSS {ours['rss_mb']:.0f} MB "
+            f"(largest worker {ours['child_rss_mb']:.0f} MB) | run_clm {ref['seconds']:.1f} s, {ref_tps:,.0f} tokens/s, "
+            f"peak RSS {ref['rss_mb']:.0f} MB (worker {ref['child_rss_mb']:.0f} MB) | ratio {ours_tps / ref_tps:.2f}x"
+        )
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain.py"), "--tokenized_dataset", str(out),
+                        "--vocab_size", "8192", "--hidden_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+                        "--max_position_embeddings", str(opts.block_size), "--per_device_train_batch_size", "1",
+                        "--max_steps", "1", "--eval_strategy", "no", "--eval_on_start", "false", "--report_to",
+                        "none", "--sample_prompt", "", "--output_dir", str(tmp / f"run-{mb}")],
+                       check=True, capture_output=True)  # fmt: skip
+        first_step[mb] = time.perf_counter() - t0
+    print("1-step pretrain on the preprocessed corpus (start-up, first step, save): "
+          + ", ".join(f"{mb} MB {s:.1f} s" for mb, s in first_step.items()))  # fmt: skip
+    print(
+        f"(max RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; files in {tmp})"
+    )
+
+
+def _cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
+
+
+if __name__ == "__main__":
+    main()
