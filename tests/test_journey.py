@@ -120,6 +120,18 @@ def test_pretrain_finetune_evaluate_generate_publish_on_defaults(tmp_path):
             **env))  # fmt: skip
     export = home / "exports" / "tiny-sft"
     assert (export / "README.md").exists()
+    # The DPO model's card lists its three stages, oldest first, each with its starting point, data and metrics.
+    _ok(run("publish", "--model", "outputs/dpo", "--repo_id", "me/tiny-dpo", "--dry_run", cwd=home, **env))
+    card = (home / "exports" / "tiny-dpo" / "README.md").read_text()
+    assert "(pretrain -> finetune -> dpo (DPO))" in card, card
+    rows = [row for row in card.splitlines() if row.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert [row.split(" | ")[1:4] + row.split(" | ")[4].split()[:1] for row in rows] == [
+        ["pretraining", "scratch", "`lmkit's bundled corpus (tinyshakespeare.txt)`", "30"],
+        ["supervised fine-tuning (SFT)", "`outputs/pretrain`", "`qa.jsonl`", "6"],
+        ["preference tuning, DPO (beta 0.1)", "`outputs/sft-full`", "`prefs.jsonl`", "6"],
+    ], card
+    assert all("eval_loss " in row for row in rows) and "eval_rewards/accuracies" in rows[2], rows
+    assert "perplexity" not in rows[2]  # a preference loss has none
 
     # -- stock tools read every output: Auto classes + pipeline without lmkit, peft on the adapter ------------
     for folder in (pretrain, pretrain / "checkpoint-30", sft, lora / "merged", dpo, export):
