@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments
 from lmkit.collator import IGNORE_INDEX
-from lmkit.data import FORMATS, resolve_data_files
+from lmkit.data import FORMATS, _fingerprint, _tokenizer_hash, resolve_data_files
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
 from lmkit.rows import hold_out_indices, json_rows, messages_problem
@@ -53,6 +53,7 @@ from lmkit.trainer import LMTrainer
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = "lmkit-preference-1"  # bump when tokenization or the reference pass changes
+_PAIR_BATCH = 1000  # pairs per tokenize batch
 _CHUNK_LOGITS = 2**25  # logits per chunk of the LM head (as the model's own fused loss sizes them)
 
 
@@ -242,11 +243,13 @@ def tokenize_pair(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_l
     return out
 
 
-def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps([str(tokenizer.special_tokens_map), tokenizer.chat_template, type(tokenizer).__name__])
-    return hashlib.sha256((vocab + specials).encode()).hexdigest()
+def tokenize_pairs(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list]:
+    """`tokenize_pair` over a `datasets.map` batch (``batched=True``)."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    pairs = [tokenize_pair(row, tokenizer, max_length) for row in rows]
+    return {key: [pair[key] for pair in pairs] for key in pairs[0]} if pairs else {}
 
 
 def cache_root(data_args: DataArguments) -> Path:
@@ -262,22 +265,30 @@ def build_preference_dataset(
     *,
     split: str = "train",
     cache_dir: Path | None = None,
+    num_proc: int | None = None,
 ) -> Dataset:
-    """Tokenize ``rows`` with `datasets` ``.map`` (cached under ``cache_dir``, keyed by the rows, the tokenizer and
-    its chat template, and ``max_length``); drop pairs whose prompt leaves no room, and log what was dropped / cut."""
+    """Tokenize ``rows`` with a batched `datasets` ``.map`` in ``num_proc`` processes (cached under ``cache_dir``,
+    keyed by the rows, the tokenizer (`lmkit.data`'s hash), its chat template, and ``max_length``); drop pairs
+    whose prompt leaves no room, and log what was dropped / cut."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(json.dumps(row, sort_keys=True).encode())
-    key = hashlib.sha256(f"{_CACHE_VERSION}|{digest.hexdigest()}|{_tokenizer_key(tokenizer)}|{max_length}".encode())
-    fingerprint = key.hexdigest()[:32]
+    template = tokenizer.chat_template or ""
+    fingerprint = _fingerprint(
+        _CACHE_VERSION, digest.hexdigest(), _tokenizer_hash(tokenizer), template, str(max_length)
+    )
     map_kwargs: dict[str, Any] = {"new_fingerprint": fingerprint}
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         map_kwargs["cache_file_name"] = str(cache_dir / f"tokenized-{fingerprint}.arrow")
+    num_proc = min(num_proc, len(rows) // _PAIR_BATCH) if num_proc else None  # one process per batch at most
     dataset = Dataset.from_list(rows).map(
-        tokenize_pair,
+        tokenize_pairs,
+        batched=True,
+        batch_size=_PAIR_BATCH,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
         remove_columns=["prompt", "chosen", "rejected"],
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
         desc=f"Tokenizing {split} pairs",
         **map_kwargs,
     )
@@ -314,23 +325,40 @@ class PreferenceCollator:
     Unpacked: one right-padded row per sequence, with ``attention_mask`` when lengths differ. ``packing``: all 2B
     sequences in one padding-free row whose ``position_ids`` restart at 0 for each, so attention and rotary
     positions stay within each sequence (as finetune's ``--packing`` does). Reference log-probs ride along.
+
+    ``row_tokens`` (packing only): instead of one row, first-fit the sequences (longest first) into rows of at most
+    ``max(row_tokens, longest sequence)`` tokens, each row padded to the widest. Attention then costs what the
+    padded layout's does, not the square of the whole batch's length, on backends that mask by the rows' position
+    ids (sdpa, eager); flash attention reads packed boundaries only from a single row, so leave it None there.
     """
 
     pad_token_id: int
     packing: bool = False
+    row_tokens: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         lengths = [len(s) - 1 for s in seqs]
         if self.packing:
-            total = sum(lengths)
+            rows = self._rows(lengths)
+            width = max(sum(lengths[i] for i in row) for row in rows)
             batch = {
-                "input_ids": torch.tensor([t for s in seqs for t in s[:-1]]).view(1, total),
-                "targets": torch.tensor([t for lab in labels for t in lab[1:]]).view(1, total),
-                "position_ids": torch.cat([torch.arange(n) for n in lengths]).view(1, total),
-                "sequence_ids": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).view(1, total),
+                "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+                "targets": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+                "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+                "sequence_ids": torch.zeros((len(rows), width), dtype=torch.long),
             }
+            for r, row in enumerate(rows):
+                start = 0
+                for i in row:
+                    n = lengths[i]
+                    batch["input_ids"][r, start : start + n] = torch.tensor(seqs[i][:-1])
+                    batch["targets"][r, start : start + n] = torch.tensor(labels[i][1:])
+                    batch["position_ids"][r, start : start + n] = torch.arange(n)
+                    batch["sequence_ids"][r, start : start + n] = i
+                    start += n
+                batch["position_ids"][r, start:] = torch.arange(width - start)  # padding: a sequence of its own
         else:
             width = max(lengths)
             batch = {
@@ -347,6 +375,22 @@ class PreferenceCollator:
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
         return batch
+
+    def _rows(self, lengths: list[int]) -> list[list[int]]:
+        """Sequence indices per packed row: all in one row, or first-fit decreasing into ``row_tokens`` rows."""
+        if self.row_tokens is None:
+            return [list(range(len(lengths)))]
+        capacity = max(self.row_tokens, *lengths)
+        rows: list[list[int]] = []
+        used: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), len(rows))
+            if r == len(rows):
+                rows.append([])
+                used.append(0)
+            rows[r].append(i)
+            used[r] += lengths[i]
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # No LoRA yet: under --use_lora the reference is this model before the adapter exists.
     model, new_ids = build(spec, tokenizer, chat=bool(new_special))
     cache_dir = cache_root(data_args)
-    datasets = {
-        split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, cache_dir=cache_dir)
-        for split, split_rows in rows.items()
-        if split_rows
-    }
+    settings = {"cache_dir": cache_dir, "num_proc": data_args.preprocessing_num_workers}
+    with args.main_process_first():  # rank 0 tokenizes into the cache, the others then read it
+        datasets = {
+            split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, **settings)
+            for split, split_rows in rows.items()
+            if split_rows
+        }
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
 
     # -- reference log-probs: one pass, cached; then only the policy stays in memory -----------------------------

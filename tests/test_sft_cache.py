@@ -156,3 +156,31 @@ def test_a_bad_row_through_datasets_names_file_and_line(tmp_path, tok, bad, mess
     path = write_jsonl(tmp_path / "rows.jsonl", [PROMPT_COMPLETION_ROWS[0], bad])
     with pytest.raises(LMKitError, match=message):
         build_sft_datasets(_args(path, block_size=8, cache_dir=str(tmp_path / "cache")), tok)
+
+
+def test_preference_pairs_are_cached_and_keyed_by_template_and_max_length(tmp_path, tok, monkeypatch):  # noqa: F811
+    import lmkit.dpo
+
+    calls = []
+    real = lmkit.dpo.tokenize_pair
+    monkeypatch.setattr(lmkit.dpo, "tokenize_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [{"prompt": "ab", "chosen": "c", "rejected": "dd"}, {"prompt": "q", "chosen": "x", "rejected": "yz"}]
+    build = lmkit.dpo.build_preference_dataset
+    first = build(rows, tok, 64, cache_dir=tmp_path)
+    assert first.to_dict() == {
+        "chosen_input_ids": [[3, 4, 5, 29], [19, 26, 29]],
+        "chosen_labels": [[X, X, 5, 29], [X, 26, 29]],
+        "rejected_input_ids": [[3, 4, 6, 6, 29], [19, 27, 28, 29]],
+        "rejected_labels": [[X, X, 6, 6, 29], [X, 27, 28, 29]],
+    }
+    assert len(calls) == 2
+    assert build(rows, tok, 64, cache_dir=tmp_path).to_dict() == first.to_dict() and len(calls) == 2  # cached
+    build(rows, tok, 4, cache_dir=tmp_path)
+    assert len(calls) == 4  # another --max_length
+    other = tok.chat_template
+    try:
+        tok.chat_template = other + "{# another template #}"
+        build(rows, tok, 64, cache_dir=tmp_path)
+    finally:
+        tok.chat_template = other
+    assert len(calls) == 6  # another chat template
