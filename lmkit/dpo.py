@@ -325,40 +325,23 @@ class PreferenceCollator:
     Unpacked: one right-padded row per sequence, with ``attention_mask`` when lengths differ. ``packing``: all 2B
     sequences in one padding-free row whose ``position_ids`` restart at 0 for each, so attention and rotary
     positions stay within each sequence (as finetune's ``--packing`` does). Reference log-probs ride along.
-
-    ``row_tokens`` (packing only): instead of one row, first-fit the sequences (longest first) into rows of at most
-    ``max(row_tokens, longest sequence)`` tokens, each row padded to the widest. Attention then costs what the
-    padded layout's does, not the square of the whole batch's length, on backends that mask by the rows' position
-    ids (sdpa, eager); flash attention reads packed boundaries only from a single row, so leave it None there.
     """
 
     pad_token_id: int
     packing: bool = False
-    row_tokens: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         lengths = [len(s) - 1 for s in seqs]
         if self.packing:
-            rows = self._rows(lengths)
-            width = max(sum(lengths[i] for i in row) for row in rows)
+            total = sum(lengths)
             batch = {
-                "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
-                "targets": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-                "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-                "sequence_ids": torch.zeros((len(rows), width), dtype=torch.long),
+                "input_ids": torch.tensor([t for s in seqs for t in s[:-1]]).view(1, total),
+                "targets": torch.tensor([t for lab in labels for t in lab[1:]]).view(1, total),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths]).view(1, total),
+                "sequence_ids": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).view(1, total),
             }
-            for r, row in enumerate(rows):
-                start = 0
-                for i in row:
-                    n = lengths[i]
-                    batch["input_ids"][r, start : start + n] = torch.tensor(seqs[i][:-1])
-                    batch["targets"][r, start : start + n] = torch.tensor(labels[i][1:])
-                    batch["position_ids"][r, start : start + n] = torch.arange(n)
-                    batch["sequence_ids"][r, start : start + n] = i
-                    start += n
-                batch["position_ids"][r, start:] = torch.arange(width - start)  # padding: a sequence of its own
         else:
             width = max(lengths)
             batch = {
@@ -375,22 +358,6 @@ class PreferenceCollator:
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
         return batch
-
-    def _rows(self, lengths: list[int]) -> list[list[int]]:
-        """Sequence indices per packed row: all in one row, or first-fit decreasing into ``row_tokens`` rows."""
-        if self.row_tokens is None:
-            return [list(range(len(lengths)))]
-        capacity = max(self.row_tokens, *lengths)
-        rows: list[list[int]] = []
-        used: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), len(rows))
-            if r == len(rows):
-                rows.append([])
-                used.append(0)
-            rows[r].append(i)
-            used[r] += lengths[i]
-        return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
