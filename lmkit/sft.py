@@ -12,6 +12,10 @@ Rows come out as the collator wants them: ``input_ids`` (n tokens) and ``labels`
 that are not learned); packed rows also carry ``position_ids``. Loss falls on completion / assistant tokens only
 (``--train_on_prompt`` learns everything), and every example ends in EOS, which is learned, so the model stops.
 
+In memory, rows are loaded, tokenized and packed by `datasets` (batched ``map``s in ``--preprocessing_num_workers``
+processes) and cached beside the loaded files, keyed by the files, the tokenizer, the chat template and the
+settings, so a second run reads the cache and tokenizes nothing; a stream (`SFTStream`) is tokenized as it is read.
+
 The one rule for long examples: an example longer than ``--block_size + 1`` tokens is dropped, and the log says how
 many were. Truncating would cut off the answer's end and teach the model not to stop.
 """
@@ -215,10 +219,13 @@ def chat_segments_batch(
                 wanted += [(c, i, True), (c, i + 1, False)]
         if messages[-1]["role"] != "assistant":
             wanted.append((c, len(messages), False))
+    render = _fast_render(tokenizer, conversations[0])
     rendered: dict[tuple[int, int, bool], str] = {}
     for prompt in (True, False):
         keys = [(c, n, p) for c, n, p in wanted if p == prompt and n > 0]
-        if keys:
+        if keys and render is not None:
+            rendered.update((key, render(conversations[key[0]][: key[1]], prompt)) for key in keys)
+        elif keys:
             texts = tokenizer.apply_chat_template(
                 [conversations[c][:n] for c, n, _ in keys], tokenize=False, add_generation_prompt=prompt
             )
@@ -243,6 +250,39 @@ def chat_segments_batch(
             segments.append((rest, False))
         out.append([s for s in segments if s[0]])
     return out
+
+
+def _fast_render(
+    tokenizer: PreTrainedTokenizerBase, probe: list[dict[str, str]]
+) -> Callable[[list[dict[str, str]], bool], str] | None:
+    """The chat template's compiled Jinja render, as `apply_chat_template(tokenize=False)` calls it, or None.
+
+    `apply_chat_template` copies and normalizes every conversation before rendering it (dropping None-valued keys,
+    aliasing reasoning fields, converting message objects): over half its time, and a no-op for SFT rows, which
+    hold only string ``role`` / ``content`` pairs. This renders them directly, three times faster, with the same
+    compiled template and arguments; it is used only when it renders ``probe`` exactly as `apply_chat_template`
+    does (else None: a template string this cannot reproduce, or a transformers without these helpers).
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+    except ImportError:
+        return None
+    if not isinstance(tokenizer.chat_template, str):
+        return None
+    compiled = _compile_jinja_template(tokenizer.chat_template)
+    kwargs = _plain_template_data(dict(tokenizer.special_tokens_map))
+
+    def render(messages: list[dict[str, str]], prompt: bool) -> str:
+        return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=prompt, **kwargs)
+
+    try:
+        same = all(
+            render(probe, p) == tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=p)
+            for p in (False, True)
+        )
+    except Exception:  # a template that raises on the probe raises the same way in apply_chat_template below
+        return None
+    return render if same else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,10 +460,10 @@ def build_sft_datasets(
     """{"train", "validation"} for prompt/completion or chat files; validation is None when none is held out.
 
     In memory: the files are loaded and tokenized by `datasets` and cached (`build_sft_dataset`), inside
-    ``main_process_first`` (e.g. ``training_args.main_process_first``) so rank 0 builds the cache. With ``--streaming``, train is an
-    `SFTStream` and validation a `Dataset` of at most ``--max_eval_blocks`` (default 1024) examples: the first
-    ones of ``--validation_files``, else the rows of the training files that a seeded hash holds out
-    (``--validation_split`` of them; the stream skips those).
+    ``main_process_first`` (e.g. ``training_args.main_process_first``) so rank 0 builds the cache and the other
+    ranks read it. With ``--streaming``, train is an `SFTStream` and validation a `Dataset` of at most
+    ``--max_eval_blocks`` (default 1024) examples: the first ones of ``--validation_files``, else the rows of the
+    training files that a seeded hash holds out (``--validation_split`` of them; the stream skips those).
     """
     kwargs = {"train_on_prompt": train_on_prompt, "packing": packing}
     if not data_args.streaming:

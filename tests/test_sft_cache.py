@@ -99,16 +99,27 @@ def test_packed_chat_rows_literal(from_files):
     }
 
 
-def test_many_rows_equal_tokenize_example_in_two_processes(tmp_path, tok):  # noqa: F811
-    """Batches and worker processes change nothing: every row is `tokenize_example`'s, in file order."""
+@pytest.mark.parametrize("fast_render", [True, False])
+def test_many_rows_equal_tokenize_example_in_two_processes(tmp_path, tok, monkeypatch, fast_render):  # noqa: F811
+    """Batches, worker processes and the direct template render change nothing: every row is
+    `tokenize_example`'s with every render through `apply_chat_template`, in file order."""
+    import lmkit.sft
+
     abc = "abcdefghijklmnopqrstuvwxyz"
-    rows = [{"messages": [{"role": "user", "content": abc[i % 9 : i % 9 + 3]},
-                          {"role": "assistant", "content": abc[i % 5 : i % 5 + 1 + i % 4]}]}
+    rows = [{"messages": [{"role": "system", "content": abc[i % 4]} for _ in range(i % 2)]
+             + [{"role": "user", "content": abc[i % 9 : i % 9 + 3]},
+                {"role": "assistant", "content": abc[i % 5 : i % 5 + 1 + i % 4]},
+                {"role": "user", "content": abc[i % 3]}][: 2 + i % 2]}
             for i in range(2500)]  # fmt: skip
+    real = lmkit.sft._fast_render
+    monkeypatch.setattr(lmkit.sft, "_fast_render", lambda *args: None)
+    expected = [tokenize_example(r, tok, train_on_prompt=True) for r in rows]
+    if fast_render:
+        monkeypatch.setattr(lmkit.sft, "_fast_render", real)
+    assert (lmkit.sft._fast_render(tok, rows[0]["messages"]) is not None) == fast_render
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     args = _args(path, block_size=64, cache_dir=str(tmp_path / "cache"), preprocessing_num_workers=2)
-    train = build_sft_datasets(args, tok, train_on_prompt=True)["train"]
-    assert train.to_list() == [tokenize_example(r, tok, train_on_prompt=True) for r in rows]
+    assert build_sft_datasets(args, tok, train_on_prompt=True)["train"].to_list() == expected
 
 
 # -- the cache ----------------------------------------------------------------------------------------------------
