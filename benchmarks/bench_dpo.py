@@ -130,14 +130,82 @@ def child(spec: dict) -> dict:
             trainer.get_train_dataloader()
             ref_seconds = time.perf_counter() - r0
     trainer.train()
-    measured = step_times[2:]
-    pairs_per_s = spec["batch_size"] * (len(measured) - 1) / (measured[-1] - measured[0])
+    # The median step, not the span: on a shared machine a load spike in one step should not decide the run.
+    durations = [b - a for a, b in zip(step_times[2:], step_times[3:], strict=False)]
+    pairs_per_s = spec["batch_size"] / statistics.median(durations)
     return {
         "pairs_per_s": pairs_per_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reference_pass_s": ref_seconds,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def levers(spec: dict) -> None:
+    """Each lever of lmkit's step alone, in one process, alternated batch by batch (so load drift hits all alike):
+    one policy forward + backward per variant on the same pairs, against lmkit's padded step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lmkit  # noqa: F401  (registers the model)
+    from lmkit.dpo import (
+        IGNORE_INDEX,
+        PreferenceCollator,
+        build_preference_dataset,
+        enable_token_logps,
+        read_preference_rows,
+        sequence_logps,
+    )
+    from lmkit.finetune import load_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    assets = Path(spec["assets"])
+    tok, _ = load_tokenizer(str(assets / "model"))
+    rows, _ = read_preference_rows(
+        ((str(i), json.loads(line)) for i, line in enumerate(open(assets / "pairs.jsonl"))), "bench"
+    )
+    data = build_preference_dataset(rows, tok, spec["max_length"])
+    model = enable_token_logps(AutoModelForCausalLM.from_pretrained(str(assets / "model"), dtype=torch.float32))
+    padded, packed = PreferenceCollator(tok.pad_token_id), PreferenceCollator(tok.pad_token_id, packing=True)
+
+    def every_position(batch: dict) -> dict:  # TRL on CPU: the LM head over every (non-pad) position
+        valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        return {**batch, "targets": torch.where(valid, batch["input_ids"].roll(-1, 1), IGNORE_INDEX)}
+
+    def no_mask(batch: dict) -> dict:  # right padding under causal attention: real tokens never see the pads
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+    def step(batch: dict, reference: bool = False) -> None:
+        if reference:  # a second forward without gradients, as TRL runs its reference model each step
+            with torch.no_grad():
+                sequence_logps(model, batch)
+        sums, _ = sequence_logps(model, batch)
+        sums.sum().backward()
+
+    variants = {
+        "lmkit padded (answer positions scored, reference precomputed)": lambda f: (padded(f), False),
+        "+ every position scored (TRL's CPU head)": lambda f: (every_position(padded(f)), False),
+        "+ reference forward each step (TRL's default)": lambda f: (padded(f), True),
+        "padded without attention mask": lambda f: (no_mask(padded(f)), False),
+        "packed (lmkit --packing)": lambda f: (packed(f), False),
+    }
+    size = spec["batch_size"]
+    features = [[data[i] for i in range(s, s + size)] for s in range(0, len(data) - size + 1, size)]
+    features = features[: spec["steps"]]
+    seconds = dict.fromkeys(variants, 0.0)
+    for i, f in enumerate(features):
+        for name, make in variants.items():
+            batch, reference = make(f)
+            t = time.perf_counter()
+            step(batch, reference)
+            if i > 0:  # the first batch warms up
+                seconds[name] += time.perf_counter() - t
+            model.zero_grad(set_to_none=True)
+    base = seconds[next(iter(variants))]
+    print(f"levers: {len(features) - 1} batches of {size} pairs, alternated; speed relative to lmkit padded")
+    print("| variant | seconds | relative speed |\n|---|---|---|")
+    for name, sec in seconds.items():
+        print(f"| {name} | {sec:.1f} | {base / sec:.2f}x |")
 
 
 def main() -> None:
@@ -152,6 +220,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trl_precompute", action="store_true")
+    parser.add_argument("--levers", action="store_true", help="time each lever of lmkit's step alone, in-process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.child:
@@ -162,6 +231,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec["assets"] = tmp
         make_assets(Path(tmp), spec)
+        if cli.levers:
+            print(cpu)
+            return levers(spec)
         results: dict[tuple[str, bool], list[dict]] = {}
         for _ in range(cli.repeats):
             for packed in (False, True):
@@ -184,9 +256,13 @@ def main() -> None:
         med = {k: {m: statistics.median(r[m] for r in results[(k, packed)]) for m in results[(k, packed)][0]}
                for k in ("lmkit", "trl")}  # fmt: skip
         lm, trl = med["lmkit"], med["trl"]
+        # Each lmkit run against the TRL run right after it (the nearest in load), then the median of those ratios.
+        ratios = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(*(results[(k, packed)] for k in ("lmkit", "trl")),
+                                                                         strict=True)]  # fmt: skip
         print(f"| {'packed' if packed else 'padded'} | {lm['pairs_per_s']:.1f} | {trl['pairs_per_s']:.1f} | "
-              f"{lm['pairs_per_s'] / trl['pairs_per_s']:.2f}x | {lm['peak_rss_mib']:.0f} | {trl['peak_rss_mib']:.0f} | "
-              f"{lm['peak_rss_mib'] / trl['peak_rss_mib']:.2f} | {lm['reference_pass_s']:.1f} |")  # fmt: skip
+              f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) | {lm['peak_rss_mib']:.0f} | "
+              f"{trl['peak_rss_mib']:.0f} | {lm['peak_rss_mib'] / trl['peak_rss_mib']:.2f} | "
+              f"{lm['reference_pass_s']:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
