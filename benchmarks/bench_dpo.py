@@ -14,12 +14,8 @@ same work is timed); ``--trl_precompute`` makes TRL precompute reference log-pro
 Reported per run: training pairs/s over the steps after the first two (the reference pass excluded, then shown
 on its own: lmkit's one pass before training), and the process's peak RSS (ru_maxrss).
 
-Measured 2026-12-02 on this project's shared 2-core "Intel(R) Xeon(R) Processor" (load average ~8 from other jobs,
-so the speeds are noisy), ``--vocab_size 8000 --hidden_size 128 --num_layers 2 --pairs 128 --steps 8``, first with
-``--repeats 2``: padded rows lmkit 10.0 vs TRL 13.6 pairs/s (0.73x), packed 12.1 vs 9.4 (1.29x); peak RSS 608 vs
-940 MiB (0.65x) padded, 592 vs 953 MiB (0.62x) packed. Again with ``--repeats 3`` (load ~3): padded 4.9 vs 4.5
-(1.09x), packed 12.2 vs 3.8 (3.24x); RSS 602 vs 992 (0.61x), 591 vs 942 (0.63x). The speeds swing 3x between runs
-on this machine; the RSS ratios hold. lmkit's reference pass: 4-8 s for 128 pairs, once.
+Results, the CPU and each lever alone (``--levers``): benchmarks/README.md, "Preference tuning vs TRL's DPOTrainer".
+The speeds swing 2-3x between runs on a shared machine: read the per-pair ratios, not one run.
 """
 
 from __future__ import annotations
