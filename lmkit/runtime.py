@@ -286,7 +286,8 @@ def _eval_of_final_step(trainer: Any) -> dict[str, float] | None:
 
 
 def save_and_evaluate(trainer: Any, train_result: Any) -> dict[str, float]:
-    """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate.
+    """The end of every training recipe: save the model (KV cache back on), metrics and trainer state; evaluate;
+    write the run's lineage record (``lmkit_run.json``: `run_stage` after its starting point's stages).
 
     Returns the train metrics (``train_loss``, ...) and, unless ``--eval_strategy no`` (or there is no eval set),
     the final evaluation's (``eval_loss``, ...).
