@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import signal
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +111,35 @@ def test_data_without_a_trained_position_saves_none(tmp_path):
 # -- write errors, by errno ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def file_size_limit():
-    """Files of this process may not grow past 1024 bytes (EFBIG): a real failing write for every writer."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
+def with_file_size_limit(check: Callable[[], None]) -> None:
+    """Run `check` in a forked child whose files may not grow past 1024 bytes (EFBIG): a real failing write.
+
+    Only the child carries the limit: set in pytest's own process it also fails pytest's writes whenever its output
+    goes to a file (as in CI, where the report is a file already past 1 KiB) and the capture files of the test.
+    The child's stdout/stderr go to /dev/null, which the limit does not cover; its failure comes back as text.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1), os.dup2(devnull, 2)
+            torch.set_num_threads(1)  # as DataLoader workers do: OpenMP's pool does not survive a fork
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            check()
+            status = 0
+        except BaseException:
+            os.write(write_end, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        failure = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, failure
 
 
 def test_errno_of_oserrors_and_their_wrappers(tmp_path):
@@ -132,7 +155,11 @@ def test_errno_of_oserrors_and_their_wrappers(tmp_path):
     assert list(tmp_path.iterdir()) == []  # and leaves nothing behind
 
 
-def test_errno_of_real_failed_writes(tmp_path, file_size_limit):
+def test_errno_of_real_failed_writes(tmp_path):
+    with_file_size_limit(lambda: check_errno_of_real_failed_writes(tmp_path))
+
+
+def check_errno_of_real_failed_writes(tmp_path: Path) -> None:
     big = {"w": torch.zeros(1024)}  # 4 KiB of data
     with pytest.raises(Exception) as safetensors_error:  # SafetensorError("... (os error 27)"), no OSError
         save_file(big, tmp_path / "w.safetensors")
@@ -143,7 +170,11 @@ def test_errno_of_real_failed_writes(tmp_path, file_size_limit):
     assert write_errno(torch_error.value, tmp_path) == errno.EFBIG
 
 
-def test_real_failed_write_ends_in_one_message(tmp_path, file_size_limit):
+def test_real_failed_write_ends_in_one_message(tmp_path):
+    with_file_size_limit(lambda: check_real_failed_write_ends_in_one_message(tmp_path))
+
+
+def check_real_failed_write_ends_in_one_message(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=2)
     with pytest.raises(LMKitError, match=r"could not write checkpoint-2 \(File too large\).*no complete checkpoint"):
         trainer.train()
