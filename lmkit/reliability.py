@@ -55,12 +55,13 @@ class PreemptionCallback(TrainerCallback):
 
     def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            self._restore()
+            self.restore_signals()
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signum = signum
         logger.warning("%s received: saving a checkpoint at the end of this step", signal.Signals(signum).name)
 
-    def _restore(self) -> None:
+    def restore_signals(self) -> None:
+        """Put back the handlers `on_train_begin` replaced (a no-op when none are installed)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -81,7 +82,7 @@ class PreemptionCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.signum is None:
             return
-        self._restore()
+        self.restore_signals()
         name = signal.Signals(self.signum).name
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_log:
@@ -94,7 +95,7 @@ class PreemptionCallback(TrainerCallback):
         raise SystemExit(128 + self.signum)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._restore()
+        self.restore_signals()
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -47,7 +47,8 @@ class LMTrainer(Trainer):
         self._staging_dir: str | None = None  # where `_save_checkpoint` writes while the checkpointer stages it
         self.nonfinite_guard = reliability.NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 5))
         self.add_callback(self.nonfinite_guard)
-        self.add_callback(reliability.PreemptionCallback())
+        self.preemption = reliability.PreemptionCallback()
+        self.add_callback(self.preemption)
         # The Trainer's own RNG restore, so every device's generators come back as the stock resume sets them.
         self.checkpointer = Checkpointer(self.args, self.accelerator.wait_for_everyone, self._load_rng_state)
         self.add_callback(self.checkpointer)
@@ -88,8 +89,11 @@ class LMTrainer(Trainer):
         checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         if checkpoint is not None and not self.is_deepspeed_enabled:  # DeepSpeed loads (and checks) its own shards
             check_checkpoint_matches_model(checkpoint, self.model)
-        with self.checkpointer.training(checkpoint, self.train_dataset, self.get_total_train_batch_size(self.args)):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            with self.checkpointer.training(checkpoint, self.train_dataset, self.get_total_train_batch_size(self.args)):
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # `on_train_end` never runs when training raises: a handler left behind would swallow Ctrl-C
+            self.preemption.restore_signals()
 
     # Private override: the Trainer writes a checkpoint straight into the visible OUTPUT_DIR/checkpoint-N and no
     # public hook wraps that write (`on_save` runs after it); the checkpointer needs all of it (weights, optimizer,

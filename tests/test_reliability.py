@@ -143,6 +143,21 @@ def test_signal_checkpoints_and_resume_is_exact(tmp_path, tmp_path_factory, capf
     assert_same_weights(weights(resumed), ref_weights)
 
 
+class FailAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("a bug in a callback")
+
+
+def test_a_run_that_raises_puts_the_signal_handlers_back(tmp_path):
+    # `on_train_end` never runs when training raises; a handler left installed would turn the next Ctrl-C in
+    # this process (a notebook, a test session) into a flag nothing reads.
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(RuntimeError, match="a bug in a callback"):
+        make_trainer(tmp_path, callbacks=[FailAt()], save_strategy="no").train()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_resume_from_every_checkpoint_path_is_exact(tmp_path, tmp_path_factory):
     # Resuming from an explicit path at several points (mid-epoch, epoch boundary, late) gives the same run.
     ref_losses, ref_weights = reference(tmp_path_factory)
