@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmkit.launcher import accelerate_launcher_pid
+from lmkit.launcher import accelerate_launcher_pid, live_siblings
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ USER_ERROR_EXIT = 2
 QUIET_LAUNCHER_VERSION = (1, 16)
 # How long a process waits for its launcher to terminate it before it prints and exits by itself.
 LAUNCHER_GRACE_SECONDS = 20.0
+# How long the reporting process waits, once terminated, for the other ranks to exit before it prints its line.
+SIBLING_EXIT_SECONDS = 5.0
 
 
 class LMKitError(Exception):
@@ -85,6 +87,11 @@ def exit_with_error(line: str) -> None:
 
     def on_terminate(signum: int, frame: Any) -> None:
         if reporter:
+            # The elastic agent logs "Sending process N closing signal SIGTERM" before it signals each rank: once
+            # the other ranks are gone, it has nothing left to print, and this line stays the last one.
+            deadline = time.monotonic() + SIBLING_EXIT_SECONDS
+            while live_siblings() and time.monotonic() < deadline:
+                time.sleep(0.02)
             print(line, file=sys.stderr, flush=True)
         os._exit(USER_ERROR_EXIT)
 

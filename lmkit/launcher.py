@@ -74,6 +74,23 @@ def came_up_alone() -> bool:
     return "WORLD_SIZE" not in os.environ and not any(v in os.environ for v in MPI_WORLD_SIZE_VARS)
 
 
+def live_siblings() -> list[int]:
+    """Other live processes started by this process's parent (the other ranks under torchrun's elastic agent).
+
+    Exited ones that the parent has not reaped yet (zombies) do not count."""
+    parent, me, siblings = os.getppid(), os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            siblings.append(int(entry.name))
+    return siblings
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
