@@ -65,6 +65,7 @@ def test_counting_collator_counts_loss_tokens():
     assert unshifted.counts == [4, 2]
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @pytest.mark.slow
 def test_bench_finetune_tiny_table():
     """lmkit and TRL train the same tokens from the same weights: equal losses on the unpacked row."""

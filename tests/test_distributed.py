@@ -227,6 +227,7 @@ def test_ddp_accelerate_parity_and_data_sharding(workdir, recipe_config, referen
 STREAM_STEPS = 10
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_streaming_ranks_get_disjoint_batches_of_the_single_process_stream(workdir, recipe_config):
     # A stream has no length to shard by index: accelerate reads it on rank 0 and hands each rank its slice
@@ -248,6 +249,7 @@ def test_streaming_ranks_get_disjoint_batches_of_the_single_process_stream(workd
     )  # fmt: skip
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_zero1_parity(workdir, recipe_config, reference, ds_ops):
     run = _launch(workdir, "zero1", accelerate("deepspeed_zero1.yaml"), recipe_config)
@@ -255,6 +257,7 @@ def test_zero1_parity(workdir, recipe_config, reference, ds_ops):
     _assert_disjoint_shards(run, reference)
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_zero2_torchrun_parity(workdir, recipe_config, reference, ds_ops):
     torchrun = [
@@ -272,6 +275,7 @@ def test_zero2_torchrun_parity(workdir, recipe_config, reference, ds_ops):
     _assert_disjoint_shards(run, reference)
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_zero3_parity_consolidated_save_and_resume(workdir, recipe_config, reference, ds_ops):
     run = _launch(
@@ -312,6 +316,7 @@ def test_zero3_parity_consolidated_save_and_resume(workdir, recipe_config, refer
     )
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_zero3_finetune_adds_chat_tokens_and_saves_the_resized_model(workdir, ds_ops):
     # from_pretrained under ZeRO-3 builds the model sharded (zero.Init); the ChatML markers then resize the
@@ -348,6 +353,7 @@ def test_zero3_finetune_adds_chat_tokens_and_saves_the_resized_model(workdir, ds
     assert all(p.abs().sum() > 0 for p in model.parameters())  # not ZeRO-3's empty placeholders
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_fsdp_parity_and_consolidated_save(workdir, recipe_config, reference):
     run = _launch(workdir, "fsdp", accelerate("fsdp.yaml"), recipe_config)
@@ -356,6 +362,7 @@ def test_fsdp_parity_and_consolidated_save(workdir, recipe_config, reference):
     _assert_full_model_saved(run, "fsdp")
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @multiprocess
 def test_two_machines_end_with_identical_weights(workdir, recipe_config, reference):
     """Two launchers on this machine act as machine 0 and machine 1 of multi_node.yaml (one process each)."""

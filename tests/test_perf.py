@@ -124,6 +124,7 @@ def test_chunked_loss_gradients_match_full_logits():
         torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @pytest.mark.slow  # inductor compiles for ~20-45 s on a 2-core CPU
 def test_torch_compile_within_1e_4():
     # What --torch_compile does to the model (Trainer -> accelerate -> torch.compile), on one layer to keep the

@@ -39,6 +39,7 @@ def step_losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @pytest.mark.slow
 def test_three_kill9_resume_cycles_match_uninterrupted(tmp_path):
     corpus = tmp_path / "corpus.txt"
