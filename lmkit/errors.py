@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmkit.launcher import accelerate_launcher_pid, live_siblings
+from lmkit.launcher import accelerate_launcher_pid, live_siblings, stat_fields
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,8 @@ def _accelerate_is_quiet_on_sigterm() -> bool:
 
 def _claim_report(launcher: int) -> bool:
     """True for the first process of this launch to claim the report (an exclusive marker file per launcher)."""
-    try:
-        started = Path(f"/proc/{launcher}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22: start time
-    except (OSError, IndexError):
-        started = "0"
+    fields = stat_fields(launcher)
+    started = fields[19] if len(fields) > 19 else "0"  # the launcher's start time: a reused pid gets a new marker
     marker = Path(tempfile.gettempdir()) / f"lmkit-error-{launcher}-{started}"
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -82,13 +82,19 @@ def live_siblings() -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+        fields = stat_fields(int(entry.name))
+        if fields and int(fields[1]) == parent and fields[0] not in ("Z", "X"):
             siblings.append(int(entry.name))
     return siblings
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name, from the state on (``[0]`` state, ``[1]`` ppid,
+    ``[19]`` start time); empty when the process is gone or /proc is not there."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces or ")"
+    except (OSError, IndexError):
+        return []
 
 
 def _cmdline(pid: int) -> list[str]:
