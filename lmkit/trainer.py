@@ -11,9 +11,12 @@ import math
 import time
 from typing import Any
 
+import datasets
+import pyarrow.compute as pc
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import speed_metrics
 
 from lmkit import reliability
@@ -36,6 +39,8 @@ class LMTrainer(Trainer):
       measured on a CPU; see `lmkit.perf`), and ``data_wait_fraction``: the share of wall time spent fetching batches.
     - Checkpoints (`lmkit.checkpoint`, the ``checkpointer`` it owns): checkpoints and the final model appear only
       when complete; a streaming run resumes at the stream position saved in its checkpoint instead of replaying it.
+    - ``--train_sampling_strategy group_by_length`` draws its order from ``--seed`` and the epoch
+      (`SeededLengthGroupedSampler`), so a run resumed mid-epoch sees the same batches as one never stopped.
     - Reliability (`lmkit.reliability`): SIGTERM/SIGINT checkpoint and exit; NaN/Inf steps are skipped and counted
       (``nonfinite_skipped``).
     """
@@ -65,6 +70,17 @@ class LMTrainer(Trainer):
             return super().get_train_dataloader()
         finally:
             self.args.dataloader_drop_last = False
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, datasets.Dataset):
+            return super()._get_train_sampler(train_dataset)
+        # The stock sampler draws its order from the global RNG when the epoch's iteration starts; a resumed run
+        # reaches that point with another RNG state (restored from the checkpoint's step), so its batches would
+        # differ from the uninterrupted run's. And it reads every row to learn the lengths; Arrow has them.
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps  # the stock megabatch unit
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(batch, lengths=sequence_lengths(dataset), seed=seed)
 
     # -- optimizer -------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -178,3 +194,25 @@ class LMTrainer(Trainer):
         if "loss" in logs:
             logs.update(self.nonfinite_guard.log_entries())
         super().log(logs, start_time)
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' `LengthGroupedSampler` (rows of similar length batched together, megabatches shuffled) with
+    its order drawn from ``seed + epoch``: the Trainer (through accelerate's data loader) calls `set_epoch`."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+def sequence_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Tokens per row of a dataset of ``input_ids`` rows, from its Arrow column (any ``select`` applied)."""
+    ids = dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+    return pc.list_value_length(ids).to_pylist()

@@ -143,6 +143,27 @@ def test_signal_checkpoints_and_resume_is_exact(tmp_path, tmp_path_factory, capf
     assert_same_weights(weights(resumed), ref_weights)
 
 
+def grouped_rows() -> Dataset:
+    """Rows of 3-17 tokens, for length-grouped batches."""
+    lengths = torch.randint(3, 18, (N_BLOCKS,), generator=torch.Generator().manual_seed(1)).tolist()
+    return Dataset.from_dict({"input_ids": [row[:n] for row, n in zip(blocks(), lengths, strict=True)]})
+
+
+def test_group_by_length_resume_is_exact(tmp_path, tmp_path_factory):
+    # Step 16 is mid-epoch 2: the resumed run must rebuild epoch 2's length-grouped order (drawn from the seed and
+    # the epoch, `SeededLengthGroupedSampler`), not draw a new one from the RNG state restored at step 16.
+    grouped = {"train_sampling_strategy": "group_by_length"}
+    ref = make_trainer(tmp_path_factory.mktemp("ref-grouped"), grouped_rows(), save_strategy="no", **grouped)
+    ref.train()
+    trainer = make_trainer(tmp_path, grouped_rows(), callbacks=[SignalAt(16)], **grouped)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    resumed = make_trainer(tmp_path, grouped_rows(), **grouped)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
+    assert losses(resumed) == losses(ref)
+    assert_same_weights(weights(resumed), weights(ref))
+
+
 class FailAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:

@@ -182,3 +182,20 @@ def test_final_evaluation_reuses_an_eval_on_the_last_step(tmp_path, eval_steps, 
     last_eval = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
     assert metrics["eval_loss"] == last_eval["eval_loss"]
     assert math.isclose(metrics["eval_loss"], trainer.evaluate()["eval_loss"], rel_tol=1e-6)
+
+
+def test_length_grouped_sampler_is_seeded_by_seed_and_epoch():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from lmkit.trainer import SeededLengthGroupedSampler, sequence_lengths
+
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in (5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 11, 12)]})
+    lengths = sequence_lengths(rows.select([11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]))  # a select is honoured
+    assert lengths == [12, 5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 11]
+    a, b = SeededLengthGroupedSampler(2, lengths, seed=3), SeededLengthGroupedSampler(2, lengths, seed=3)
+    first = list(a)
+    assert first == list(b) == list(a)  # the same order every time for the same seed and epoch
+    assert first == get_length_grouped_indices(lengths, 2, generator=torch.Generator().manual_seed(3))
+    a.set_epoch(1)
+    assert list(a) == get_length_grouped_indices(lengths, 2, generator=torch.Generator().manual_seed(4))
+    assert list(a) != first and sorted(first) == list(range(12))
