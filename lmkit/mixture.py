@@ -13,7 +13,8 @@ A recipe YAML lists its sources; each has a name, a weight and its own format fi
 On the command line the same list is one JSON string (``--datasets '[{"name": "books", ...}, ...]'``). A plain
 ``--train_files`` / ``--dataset_name`` run is a mixture of one source (`parse_sources` makes it), so every run goes
 through one code path: each source is loaded and packed on its own by `lmkit.data`, then mixed here by weight,
-map-style with `mix_blocks`, streaming with `MixtureStream`, both in the order of `source_choices`.
+map-style with `mix_blocks`, streaming with `MixtureStream` (or `StreamMix` for streams without a position), all
+in the order of `source_choices`.
 
 This module sits below `lmkit.data` (which loads each source) and imports nothing of lmkit but its errors.
 """
@@ -244,23 +245,79 @@ def mix_blocks(blocks: dict[str, Dataset], sources: list[Source], seed: int) -> 
     return mixed, {s.name: int(n) for s, n in zip(sources, counts, strict=True)}
 
 
-def log_mix(counts: dict[str, int], sources: list[Source], block_len: int) -> None:
-    """Log the realized mix once: blocks, tokens and share per source next to its weight's share."""
+def held_out_rows(validation: Dataset | dict[str, Dataset] | None) -> int:
+    """The rows of a recipe's validation data: one set, a mixture's ``{name: set}``, or None."""
+    if isinstance(validation, dict):
+        return sum(len(rows) for rows in validation.values())
+    return len(validation) if validation is not None else 0
+
+
+def log_mix(
+    counts: dict[str, int], sources: list[Source], tokens: int | dict[str, int] | None, unit: str = "blocks"
+) -> None:
+    """Log the realized mix once: ``unit``s taken from each source and their share next to its weight's share.
+
+    ``tokens``: the tokens in each of them (an int: every block holds that many), or each source's token count as
+    a mapping, logged with its own share (`lmkit.sft` counts the target tokens of its rows), or None (not logged).
+    """
     if len(sources) == 1:
         return
     total = sum(counts.values()) or 1
-    parts = [
-        f"{s.name} {counts[s.name]:,} blocks / {counts[s.name] * block_len:,} tokens "
-        f"({100 * counts[s.name] / total:.1f}%, weight {100 * p:.1f}%)"
-        for s, p in zip(sources, probabilities(sources), strict=True)
-    ]
+    total_tokens = (sum(tokens.values()) or 1) if isinstance(tokens, dict) else 1
+    parts = []
+    for s, p in zip(sources, probabilities(sources), strict=True):
+        part = f"{s.name} {counts[s.name]:,} {unit}"
+        if isinstance(tokens, int):
+            part += f" / {counts[s.name] * tokens:,} tokens"
+        part += f" ({100 * counts[s.name] / total:.1f}%, weight {100 * p:.1f}%"
+        if isinstance(tokens, dict):
+            part += f"; {tokens[s.name]:,} target tokens, {100 * tokens[s.name] / total_tokens:.1f}%"
+        parts.append(part + ")")
     logger.info("Mixture of %d sources: %s", len(sources), "; ".join(parts))
 
 
-class MixtureStream(torch.utils.data.IterableDataset):
-    """Blocks from several block streams (`lmkit.data.PackedStream`, one per source), each next block from a source
-    chosen by weight (`source_choices`, seeded); the mixture ends when a source's stream ends (the stopping rule
-    of `mix_blocks`).
+def log_stream_mix(stream: StreamMix, unit: str = "blocks", tokens: int | None = None, n: int = 1000) -> None:
+    """Log the mix of a stream's first ``n`` rows (`StreamMix.choices`: known without reading any source)."""
+    first = np.bincount(stream.choices(0, n), minlength=len(stream.sources))
+    logger.info("Streaming mixture; its first %s %s:", f"{n:,}", unit)
+    log_mix({s.name: int(k) for s, k in zip(stream.sources, first, strict=True)}, stream.sources, tokens, unit)
+
+
+class StreamMix(torch.utils.data.IterableDataset):
+    """Rows from several streams (any iterables, one per source), each next row from a source chosen by weight
+    (`source_choices`, seeded); the mixture ends when a source's stream ends (the stopping rule of `mix_blocks`).
+
+    It keeps no position, so it is not `lmkit.checkpoint.ResumableData`: a resumed run replays it. Every pass
+    draws the same sources in the same order, so the replay is exact when each source yields the same rows on every
+    pass (`lmkit.sft.SFTStream`). For sources that keep a position, `MixtureStream` keeps the mixture's.
+    """
+
+    def __init__(self, streams: dict[str, Any], sources: list[Source], seed: int) -> None:
+        self.streams, self.sources, self.seed = streams, sources, seed
+        self.probabilities = probabilities(sources)
+
+    def choices(self, start: int, count: int) -> np.ndarray:
+        """The sources (indices into ``sources``) of rows ``start`` .. ``start + count - 1``."""
+        return source_choices([s.weight for s in self.sources], self.seed, start, count)
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, row in self._mixed([iter(self.streams[s.name]) for s in self.sources], 0):
+            yield row
+
+    def _mixed(self, iterators: list[Iterator[Any]], n: int) -> Iterator[tuple[int, Any]]:
+        """(source index, row) for rows ``n``, ``n + 1``, ... of the mixture, read from each source's iterator."""
+        while True:
+            for i in self.choices(n, _CHUNK):
+                row = next(iterators[i], None)
+                if row is None:
+                    return
+                n += 1
+                yield int(i), row
+
+
+class MixtureStream(StreamMix):
+    """A `StreamMix` of block streams that keep a position (`lmkit.data.PackedStream`, one per source): it keeps
+    the mixture's, so a resumed run jumps there instead of replaying.
 
     `datasets.interleave_datasets` mixes `datasets` streams, but the blocks come from packers that carry tokens
     across read batches (their position is not a `datasets` state), so the streams are mixed here. The source of
@@ -272,14 +329,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, streams: dict[str, Any], sources: list[Source], seed: int) -> None:
-        self.streams, self.sources, self.seed = streams, sources, seed
-        self.probabilities = probabilities(sources)
+        super().__init__(streams, sources, seed)
         self._resume_from: dict[str, Any] | None = None
         self._positions: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=_POSITIONS_KEPT)  # (blocks, per source)
-
-    def choices(self, start: int, count: int) -> np.ndarray:
-        """The sources (indices into ``sources``) of blocks ``start`` .. ``start + count - 1``."""
-        return source_choices([s.weight for s in self.sources], self.seed, start, count)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last block yielded (or the one loaded, before iterating)."""
@@ -322,12 +374,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         taken = list(start["taken"]) if start is not None else [0] * len(self.sources)
         n = start["blocks"] if start is not None else 0
         self._positions.append((n, tuple(taken)))
-        while True:
-            for i in self.choices(n, _CHUNK):
-                block = next(iterators[i], None)
-                if block is None:
-                    return
-                taken[i] += 1
-                n += 1
-                self._positions.append((n, tuple(taken)))
-                yield block
+        for i, block in self._mixed(iterators, n):
+            taken[i] += 1
+            n += 1
+            self._positions.append((n, tuple(taken)))
+            yield block

@@ -16,6 +16,9 @@ In memory, rows are loaded, tokenized and packed by `datasets` (batched ``map``s
 processes) and cached beside the loaded files, keyed by the files, the tokenizer, the chat template and the
 settings, so a second run reads the cache and tokenizes nothing; a stream (`SFTStream`) is tokenized as it is read.
 
+A mixture (``--datasets``) of such files builds each source on its own, its own validation rows held out, and
+mixes the training rows by weight (`build_sft_datasets`, with `lmkit.mixture`); sources may differ in format.
+
 The one rule for long examples: an example longer than ``--block_size + 1`` tokens is dropped, and the log says how
 many were. Truncating would cut off the answer's end and teach the model not to stop.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, List, Value
 from transformers import PreTrainedTokenizerBase
@@ -44,10 +48,13 @@ from lmkit.data import (
     ContextFactory,
     _fingerprint,
     _tokenizer_hash,
+    build_mixture,
+    load_sources,
     resolve_data_files,
     share_stream_across_ranks,
 )
 from lmkit.errors import LMKitError
+from lmkit.mixture import Source, StreamMix, log_mix, log_stream_mix, mix_blocks, parse_sources
 from lmkit.packing import pack_examples, row_length
 from lmkit.rows import chat_problem, hold_out_indices, is_held_out, is_json_array, json_rows, prompt_completion_problem
 
@@ -71,11 +78,12 @@ _MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # chat markers such as <|im_start|
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def detect_format(files: list[Path]) -> str:
-    """``"text"``, ``"prompt_completion"`` or ``"chat"``, from the first JSON row of the first file."""
+def detect_format(files: list[Path], field: str = "--train_files") -> str:
+    """``"text"``, ``"prompt_completion"`` or ``"chat"``, from the first JSON row of the first file (errors name
+    ``field``)."""
     if FORMATS[files[0].suffix.lower()] != "json":
         return TEXT
-    for _, row in json_rows(files[0], "--train_files"):
+    for _, row in json_rows(files[0], field):
         if isinstance(row, dict) and "messages" in row:
             return CHAT
         if isinstance(row, dict) and ("prompt" in row or "completion" in row):
@@ -105,37 +113,88 @@ def iter_sft_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str,
                 yield {"prompt": row["prompt"], "completion": row["completion"]}
 
 
-def sft_format(data_args: DataArguments) -> str:
-    """The task the data asks for: ``"text"`` (load it with `lmkit.data`), ``"prompt_completion"`` or ``"chat"``."""
-    if data_args.dataset_name is not None or not data_args.train_files:
+def source_format(source: Source) -> str:
+    """One source's format (`detect_format` of its files); a hub dataset, or no files (the bundled corpus), is text."""
+    if source.dataset_name is not None or not source.files:
         return TEXT
-    return detect_format(resolve_data_files(data_args.train_files, "--train_files"))
+    field = source.flag("files")
+    return detect_format(resolve_data_files(list(source.files), field), field)
 
 
-def load_sft_rows(data_args: DataArguments, seed: int) -> tuple[str, dict[str, Dataset]]:
-    """(format, {"train": rows, "validation": rows}) from ``--train_files`` / ``--validation_files``, as `Dataset`s
-    that `datasets` loads (and caches: one Arrow file per set of files, keyed by their paths and mtimes).
+def sft_format(data_args: DataArguments) -> str:
+    """The task the data asks for: ``"text"`` (load it with `lmkit.data`), ``"prompt_completion"`` or ``"chat"``.
 
-    The format is ``"text"`` (and no rows) when the files hold raw text: load those with `lmkit.data` instead.
-    Without ``--validation_files``, ``--validation_split`` of the examples is held out at random with ``seed``
-    (``--validation_split 0``: no validation rows). Rows are checked as they are tokenized (`build_sft_datasets`).
+    A mixture (``--datasets``) is text when every source is. Otherwise every source must be SFT files, and it is
+    ``"chat"`` when any source is (the chat template is needed then); a raw-text or hub source among SFT sources
+    raises `LMKitError` naming its ``--datasets NAME.files`` (or ``.dataset_name``).
     """
-    fmt = sft_format(data_args)
+    sources = parse_sources(data_args)
+    formats = [source_format(s) for s in sources]
+    sft = [s.name for s, fmt in zip(sources, formats, strict=True) if fmt != TEXT]
+    if not sft:
+        return TEXT
+    for source, fmt in zip(sources, formats, strict=True):
+        if fmt == TEXT and source.dataset_name is not None:
+            raise LMKitError(
+                f"{source.flag('dataset_name')} {source.dataset_name}: a hub dataset is read as raw text, which "
+                f"cannot be mixed with the prompt/completion or chat sources ({', '.join(sft)}); give its examples "
+                "as JSON-lines files"
+            )
+        if fmt == TEXT:
+            raise LMKitError(
+                f"{source.flag('files')}: raw text (no prompt/completion or messages rows), which cannot be mixed "
+                f"with the prompt/completion or chat sources ({', '.join(sft)}); continue pretraining on text "
+                "sources in a run of their own"
+            )
+    return CHAT if CHAT in formats else PROMPT_COMPLETION
+
+
+def load_sft_rows(data_args: DataArguments, seed: int, source: Source | None = None) -> tuple[str, dict[str, Dataset]]:
+    """(format, {"train": rows, "validation": rows}) of one source, as `Dataset`s that `datasets` loads (and caches:
+    one Arrow file per set of files, keyed by their paths and mtimes).
+
+    ``source`` is a `lmkit.mixture.Source` (`build_sft_datasets` loads each of a mixture); None: the run's one
+    source, ``--train_files`` (with ``--validation_files``). The format is ``"text"`` (and no rows) when the files
+    hold raw text: load those with `lmkit.data` instead. Without ``--validation_files``, ``--validation_split`` of
+    the examples is held out at random with ``seed`` (``--validation_split 0``: no validation rows). Rows are
+    checked as they are tokenized (`build_sft_datasets`).
+    """
+    if source is None:
+        (source,) = parse_sources(data_args)
+    fmt = source_format(source)
     if fmt == TEXT:
         return TEXT, {}
-    splits = {"train": _load_sft_files(data_args.train_files, fmt, "--train_files", data_args)}
+    field = source.flag("files")
+    splits = {"train": _load_sft_files(list(source.files), fmt, field, data_args)}
     if data_args.validation_files:
         splits["validation"] = _load_sft_files(data_args.validation_files, fmt, "--validation_files", data_args)
     else:
         rows = splits["train"]
-        with _naming_the_bad_row(resolve_data_files(data_args.train_files, "--train_files"), fmt, "--train_files"):
+        with _naming_the_bad_row(resolve_data_files(list(source.files), field), fmt, field):
             # (a bad row is the error to report first)
-            keep, held = hold_out_indices(len(rows), data_args.validation_split, seed, unit="example")
+            keep, held = hold_out_indices(
+                len(rows), data_args.validation_split, seed, unit="example", hint=_more_examples(source)
+            )
         splits["train"], splits["validation"] = rows.select(keep), rows.select(held)
     logger.info(
-        "SFT data (%s): %d train, %d validation examples", fmt, len(splits["train"]), len(splits["validation"])
-    )
+        "SFT data (%s): %d train, %d validation examples",
+        _kind(source, fmt), len(splits["train"]), len(splits["validation"]),
+    )  # fmt: skip
     return fmt, splits
+
+
+def _named(source: Source) -> str:
+    """What a split's log lines add to its name: nothing for the one source of a plain run."""
+    return "" if source.implicit else f" ({source.name})"
+
+
+def _kind(source: Source, fmt: str) -> str:
+    return fmt if source.implicit else f"{source.name}, {fmt}"
+
+
+def _more_examples(source: Source) -> str:
+    """How to get validation examples when too few are held out (a mixture takes no --validation_files)."""
+    return "pass --validation_files" if source.implicit else f"add examples to {source.flag('files')}"
 
 
 def _load_sft_files(patterns: list[str], fmt: str, field: str, data_args: DataArguments) -> Dataset:
@@ -456,8 +515,53 @@ def build_sft_datasets(
     packing: bool = False,
     seed: int = 42,
     main_process_first: ContextFactory = contextlib.nullcontext,
-) -> dict[str, Dataset | SFTStream | None]:
+) -> dict[str, Any]:
     """{"train", "validation"} for prompt/completion or chat files; validation is None when none is held out.
+
+    Each source (``--datasets``, or the one of ``--train_files``) is tokenized, packed and split on its own
+    (`_source_datasets`). One source is returned as it is. Several: their training rows are mixed by weight in the
+    order of `lmkit.mixture.source_choices`, ending when a source runs out (`lmkit.mixture.mix_blocks`; streamed,
+    `lmkit.mixture.StreamMix`, which gives the same order), and the realized mix is logged; validation is
+    ``{name: that source's held-out rows}``, which `lmkit.trainer.LMTrainer.evaluate` reports as ``eval_loss``
+    and ``eval_<name>_loss``. A source may be prompt/completion or chat: both give the same columns.
+
+    Packing (``packing``) happens per source, before mixing: a row then holds one source's examples, so the mix
+    counts whole rows of each source, each source's eval loss is its own, and a source's packed rows stay cached
+    when the weights change. Packed rows all hold ``--block_size + 1`` tokens, so packed weights share tokens;
+    unpacked, they share examples.
+    """
+    kwargs = {"train_on_prompt": train_on_prompt, "packing": packing}
+    sources = parse_sources(data_args)
+    built = {s.name: _source_datasets(data_args, s, tokenizer, seed, main_process_first, **kwargs) for s in sources}
+    if len(sources) == 1:
+        return built[sources[0].name]
+    train = {name: parts["train"] for name, parts in built.items()}
+    if data_args.streaming:
+        mixed = StreamMix(train, sources, seed)
+        log_stream_mix(mixed, unit="rows")
+        mixed = share_stream_across_ranks(mixed)
+    else:
+        mixed, counts = mix_blocks(train, sources, seed)
+        log_mix(counts, sources, {name: _target_tokens(train[name], n) for name, n in counts.items()}, unit="rows")
+    held = {name: parts["validation"] for name, parts in built.items() if parts["validation"] is not None}
+    return {"train": mixed, "validation": held or None}
+
+
+def _target_tokens(rows: Dataset, n: int) -> int:
+    """Tokens with a label in the first ``n`` of ``rows``: what the loss of the rows is taken over."""
+    labels = pc.list_flatten(rows.select(range(n)).with_format("arrow")["labels"])
+    return len(labels) - pc.sum(pc.equal(labels, IGNORE_INDEX)).as_py() if len(labels) else 0
+
+
+def _source_datasets(
+    data_args: DataArguments,
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    main_process_first: ContextFactory,
+    **kwargs: bool,
+) -> dict[str, Dataset | SFTStream | None]:
+    """One source's {"train", "validation"} (`build_sft_datasets`).
 
     In memory: the files are loaded and tokenized by `datasets` and cached (`build_sft_dataset`), inside
     ``main_process_first`` (e.g. ``training_args.main_process_first``) so rank 0 builds the cache and the other
@@ -465,26 +569,26 @@ def build_sft_datasets(
     ``--max_eval_blocks`` (default 1024) examples: the first ones of ``--validation_files``, else the rows of the
     training files that a seeded hash holds out (``--validation_split`` of them; the stream skips those).
     """
-    kwargs = {"train_on_prompt": train_on_prompt, "packing": packing}
+    field, named = source.flag("files"), _named(source)
     if not data_args.streaming:
         with main_process_first():  # rank 0 loads and tokenizes; the others then read its cache
-            fmt, rows = load_sft_rows(data_args, seed)
+            fmt, rows = load_sft_rows(data_args, seed, source)
             out: dict[str, Dataset | SFTStream | None] = {}
             for split, split_rows in rows.items():
                 own_files = split == "validation" and data_args.validation_files
-                field = "--validation_files" if own_files else "--train_files"
-                files = resolve_data_files(getattr(data_args, field[2:]), field)
-                with _naming_the_bad_row(files, fmt, field):
+                where = "--validation_files" if own_files else field
+                files = resolve_data_files(data_args.validation_files if own_files else list(source.files), where)
+                with _naming_the_bad_row(files, fmt, where):
                     out[split] = build_sft_dataset(
-                        split_rows, tokenizer, data_args.block_size, split=split, **kwargs,
+                        split_rows, tokenizer, data_args.block_size, split=split + named, **kwargs,
                         num_proc=data_args.preprocessing_num_workers, reuse_cache=not data_args.overwrite_cache,
                     ) if len(split_rows) else None  # fmt: skip
         return out
-    train_files = resolve_data_files(data_args.train_files, "--train_files")
-    fmt = detect_format(train_files)
+    train_files = resolve_data_files(list(source.files), field)
+    fmt = detect_format(train_files, field)
     hold_out = None if data_args.validation_files else (seed, data_args.validation_split)
     train = share_stream_across_ranks(
-        SFTStream(train_files, fmt, tokenizer, data_args.block_size, hold_out=hold_out, **kwargs)
+        SFTStream(train_files, fmt, tokenizer, data_args.block_size, hold_out=hold_out, field=field, **kwargs)
     )
     n_eval = data_args.max_eval_blocks or STREAMING_EVAL_BLOCKS
     if data_args.validation_files:
@@ -493,19 +597,41 @@ def build_sft_datasets(
         if not val_rows:
             raise LMKitError(f"--validation_files: no examples in {', '.join(map(str, val_files))}")
     elif data_args.validation_split > 0:
-        rows = _streamed_rows(train_files, fmt, "--train_files")
+        rows = _streamed_rows(train_files, fmt, field)
         val_rows = list(islice((r for r in rows if is_held_out(_row_text(r), *hold_out)), n_eval))
         if not val_rows:
             raise LMKitError(
-                f"--validation_split {data_args.validation_split}: no example of --train_files was held out "
-                "(too few rows); raise it or pass --validation_files"
+                f"--validation_split {data_args.validation_split}: no example of {field} was held out "
+                f"(too few rows); raise it or {_more_examples(source)}"
             )
     else:
-        logger.info("SFT data (%s): streamed train, no validation examples", fmt)
+        logger.info("SFT data (%s): streamed train, no validation examples", _kind(source, fmt))
         return {"train": train, "validation": None}
-    validation = build_sft_dataset(val_rows, tokenizer, data_args.block_size, split="validation", **kwargs)
-    logger.info("SFT data (%s): streamed train, %d validation examples", fmt, len(val_rows))
+    validation = build_sft_dataset(val_rows, tokenizer, data_args.block_size, split="validation" + named, **kwargs)
+    logger.info("SFT data (%s): streamed train, %d validation examples", _kind(source, fmt), len(val_rows))
     return {"train": train, "validation": validation}
+
+
+def build_finetune_datasets(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: str,
+    *,
+    train_on_prompt: bool = False,
+    packing: bool = False,
+    seed: int = 42,
+    main_process_first: ContextFactory = contextlib.nullcontext,
+) -> dict[str, Any]:
+    """recipes/finetune.py's {"train", "validation"} for the data's ``fmt`` (`sft_format`): raw text continues
+    pretraining, each source packed into blocks and mixed as recipes/pretrain.py does (`lmkit.data.build_mixture`);
+    prompt/completion and chat rows come from `build_sft_datasets`."""
+    if fmt == TEXT:
+        raws = load_sources(data_args, seed, main_process_first)
+        return build_mixture(raws, tokenizer, data_args, seed, main_process_first)
+    return build_sft_datasets(
+        data_args, tokenizer, train_on_prompt=train_on_prompt, packing=packing, seed=seed,
+        main_process_first=main_process_first,
+    )  # fmt: skip
 
 
 def _streamed_rows(files: list[Path], fmt: str, field: str) -> Iterator[dict[str, Any]]:
@@ -534,7 +660,8 @@ class SFTStream(torch.utils.data.IterableDataset):
     shuffled). ``hold_out=(seed, fraction)`` skips the rows `lmkit.rows.is_held_out` puts in the validation split.
     Examples over ``block_size + 1`` tokens are dropped, and the count is logged at the end of every pass.
     A resumed run replays the stream up to its step: it keeps no position (`lmkit.checkpoint.ResumableData`),
-    since packing carries examples across rows.
+    since packing carries examples across rows. A mixture's streams are mixed by `lmkit.mixture.StreamMix`, which
+    replays the same way. ``field`` is the flag its errors name (``--datasets NAME.files`` in a mixture).
     """
 
     def __init__(
@@ -547,17 +674,19 @@ class SFTStream(torch.utils.data.IterableDataset):
         train_on_prompt: bool = False,
         packing: bool = False,
         hold_out: tuple[int, float] | None = None,
+        field: str = "--train_files",
     ) -> None:
         self.files, self.fmt, self.tokenizer, self.block_size = files, fmt, tokenizer, block_size
         self.train_on_prompt, self.packing = train_on_prompt, packing
         self.hold_out = hold_out if hold_out and hold_out[1] > 0 else None
-        _check_streamable(files, "--train_files")  # now, not at the first training step
+        self.field = field
+        _check_streamable(files, field)  # now, not at the first training step
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.id > 0:
             return  # one stream, one reader (as `lmkit.data.PackedStream`)
-        rows: Iterable[dict[str, Any]] = _streamed_rows(self.files, self.fmt, "--train_files")
+        rows: Iterable[dict[str, Any]] = _streamed_rows(self.files, self.fmt, self.field)
         if self.hold_out is not None:
             rows = (row for row in rows if not is_held_out(_row_text(row), *self.hold_out))
         max_tokens, counts = row_length(self.block_size), _Counts()
@@ -565,5 +694,5 @@ class SFTStream(torch.utils.data.IterableDataset):
         fitting = _fitting(examples, max_tokens, counts)
         yield from pack_examples(fitting, max_tokens, self.tokenizer.pad_token_id) if self.packing else fitting
         if not counts.seen:
-            raise LMKitError(f"--train_files: no training examples in {', '.join(map(str, self.files))}")
-        counts.report("train", max_tokens)
+            raise LMKitError(f"{self.field}: no training examples in {', '.join(map(str, self.files))}")
+        counts.report("train" if self.field == "--train_files" else f"train ({self.field})", max_tokens)

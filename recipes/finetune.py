@@ -13,7 +13,8 @@ tokenizer's chat template or --chat_template FILE (default: lmkit/templates/chat
 recipes/configs/sft-full.yaml; its values that do not fit the model (a --block_size over its positions) follow the
 model, while the same values given on the command line or in your --config are errors. --streaming true
 --max_steps N reads, tokenizes and packs text or JSON-lines examples as training goes (every rank's share comes
-from rank 0; see lmkit.data.share_stream_across_ranks).
+from rank 0; see lmkit.data.share_stream_across_ranks). --datasets (a YAML list, see lmkit.mixture) mixes sources
+by weight, all raw text or all prompt/completion / chat files, and evaluation reports eval_<name>_loss per source.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from lmkit.args import (
     parse_args,
 )
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_lm_datasets, load_raw_datasets, load_tokenized_dataset, use_tokenized_dataset
+from lmkit.data import load_tokenized_dataset, use_tokenized_dataset
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.finetune import LoadedModel, load_starting_point, load_tokenizer, merge_lora, prepare_model
 from lmkit.finetune_args import FinetuneArguments
+from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
 from lmkit.runtime import model_size, prepare_run, train_and_save
-from lmkit.sft import CHAT, TEXT, build_sft_datasets, resolve_chat_template, sft_format
+from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 
 logger = logging.getLogger("lmkit.finetune")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft-full.yaml"
@@ -92,22 +94,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     main_first = partial(main_process_first, args)
     if data_args.tokenized_dataset is not None:  # recipes/preprocess.py's blocks, made with this model's tokenizer
         datasets, _ = load_tokenized_dataset(data_args, tokenizer)
-    elif fmt == TEXT:  # continued pretraining: the pretraining pipeline, packed blocks of --block_size + 1
-        raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=main_first)
-        datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=main_first)
-    else:
-        datasets = build_sft_datasets(
-            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
-            main_process_first=main_first,
+    else:  # raw text continues pretraining (packed blocks); SFT rows carry loss masks. --datasets: mixed by weight
+        datasets = build_finetune_datasets(
+            data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing,
+            seed=args.seed, main_process_first=main_first,
         )  # fmt: skip
-    if datasets["validation"] is None or len(datasets["validation"]) == 0:
+    n_eval = held_out_rows(datasets["validation"])
+    if n_eval == 0:
         datasets["validation"] = None
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
     train_rows = "streamed" if data_args.streaming else f"{len(datasets['train']):,}"
-    logger.info(
-        "model: %s; data: %s, %s train / %d eval rows",
-        model_size(model), fmt, train_rows, len(datasets["validation"] or []),
-    )  # fmt: skip
+    logger.info("model: %s; data: %s, %s train / %d eval rows", model_size(model), fmt, train_rows, n_eval)
 
     # -- train, save and evaluate -----------------------------------------------------------------------------
     # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length).
