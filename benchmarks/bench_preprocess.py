@@ -1,10 +1,11 @@
 """Tokenize once: recipes/preprocess.py against run_clm's ``map(tokenize) + group_texts``, side by side.
 
-    python benchmarks/bench_preprocess.py --sizes_mb 10 100 --workers 2
+    python benchmarks/bench_preprocess.py --sizes_mb 10 100 --workers 2 --repeats 3
+    python benchmarks/bench_preprocess.py --sizes_mb 300 --no_reference   # peak RSS on a larger corpus
 
 For each corpus size (tinyshakespeare repeated, one document a line as run_clm reads .txt), in fresh processes and
 fresh caches: preprocess's wall time, tokens/s and peak RSS (the main process and the largest worker), then the
-reference at the same number of processes and the ratio; last, the wall time of a 1-step pretrain on each
+reference at the same number of processes and the ratio (``--repeats``: alternated pairs, median ratio); last, the wall time of a 1-step pretrain on each
 preprocessed size (start-up to the first step and the save: it should not grow with the corpus).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--sizes_mb", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block_size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=1, help="alternated pairs per size (the ratio is their median)")
+    parser.add_argument("--no_reference", action="store_true", help="preprocess only (its RSS on large corpora)")
     opts = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     from lmkit.tokenizer import build_tokenizer
@@ -94,17 +99,27 @@ def main() -> None:
         corpus = tmp / f"corpus-{mb}.txt"
         make_corpus(corpus, mb)
         out = tmp / f"tok-{mb}"
-        flags = ["--train_files", corpus, "--tokenizer", tmp / "tokenizer", "--block_size", opts.block_size,
-                 "--sample_by", "line", "--preprocessing_num_workers", opts.workers, "--cache_dir", tmp / f"c-{mb}",
-                 "--output_dir", out, "--max_position_embeddings", opts.block_size]  # fmt: skip
-        ours = run(OURS, REPO / "recipes" / "preprocess.py", *flags)
-        ref = run(REFERENCE, corpus, tmp / "tokenizer", tmp / f"r-{mb}", opts.workers, opts.block_size)
-        ours_tps, ref_tps = ours["tokens"] / ours["seconds"], ref["tokens"] / ref["seconds"]
-        print(
-            f"{mb} MB: preprocess {ours['seconds']:.1f} s, {ours_tps:,.0f} tokens/s, peak RSS {ours['rss_mb']:.0f} MB "
-            f"(largest worker {ours['child_rss_mb']:.0f} MB) | run_clm {ref['seconds']:.1f} s, {ref_tps:,.0f} tokens/s, "
-            f"peak RSS {ref['rss_mb']:.0f} MB (worker {ref['child_rss_mb']:.0f} MB) | ratio {ours_tps / ref_tps:.2f}x"
-        )
+        ratios = []
+        for rep in range(opts.repeats):  # fresh output and caches each time; ours then the reference, alternated
+            shutil.rmtree(out, ignore_errors=True)
+            flags = ["--train_files", corpus, "--tokenizer", tmp / "tokenizer", "--block_size", opts.block_size,
+                     "--sample_by", "line", "--preprocessing_num_workers", opts.workers, "--cache_dir",
+                     tmp / f"c-{mb}-{rep}", "--output_dir", out, "--max_position_embeddings", opts.block_size]  # fmt: skip
+            ours = run(OURS, REPO / "recipes" / "preprocess.py", *flags)
+            shutil.rmtree(tmp / f"c-{mb}-{rep}", ignore_errors=True)
+            ours_tps = ours["tokens"] / ours["seconds"]
+            line = (f"{mb} MB: preprocess {ours['seconds']:.1f} s, {ours_tps:,.0f} tokens/s, peak RSS "
+                    f"{ours['rss_mb']:.0f} MB (largest worker {ours['child_rss_mb']:.0f} MB)")  # fmt: skip
+            if not opts.no_reference:
+                ref = run(REFERENCE, corpus, tmp / "tokenizer", tmp / f"r-{mb}-{rep}", opts.workers, opts.block_size)
+                shutil.rmtree(tmp / f"r-{mb}-{rep}", ignore_errors=True)
+                ref_tps = ref["tokens"] / ref["seconds"]
+                ratios.append(ours_tps / ref_tps)
+                line += (f" | run_clm {ref['seconds']:.1f} s, {ref_tps:,.0f} tokens/s, peak RSS {ref['rss_mb']:.0f} MB "
+                         f"(worker {ref['child_rss_mb']:.0f} MB) | ratio {ratios[-1]:.2f}x")  # fmt: skip
+            print(line, flush=True)
+        if ratios:
+            print(f"{mb} MB: median ratio {statistics.median(ratios):.2f}x of {', '.join(f'{r:.2f}' for r in ratios)}")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain.py"), "--tokenized_dataset", str(out),
                         "--vocab_size", "8192", "--hidden_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
@@ -113,8 +128,11 @@ def main() -> None:
                         "none", "--sample_prompt", "", "--output_dir", str(tmp / f"run-{mb}")],
                        check=True, capture_output=True)  # fmt: skip
         first_step[mb] = time.perf_counter() - t0
-    print("1-step pretrain on the preprocessed corpus (start-up, first step, save): "
-          + ", ".join(f"{mb} MB {s:.1f} s" for mb, s in first_step.items()))  # fmt: skip
+        shutil.rmtree(tmp / f"run-{mb}", ignore_errors=True)
+        print(
+            f"{mb} MB: 1-step pretrain on the preprocessed corpus (start-up, first step, save) {first_step[mb]:.1f} s"
+        )
+        corpus.unlink()
     print(
         f"(max RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; files in {tmp})"
     )

@@ -23,7 +23,6 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
@@ -32,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.errors import LMKitError
 from lmkit.mixture import MixtureStream, Source, log_mix, mix_blocks, parse_sources
-from lmkit.packing import cut_blocks, pack_document_batch, row_length, tokenize_documents
+from lmkit.packing import DocumentStarts, cut_blocks, pack_document_batch, row_length, tokenize_documents
 from lmkit.rows import hold_out_indices, is_held_out, json_rows, text_row_problem, utf8_error_offset
 
 logger = logging.getLogger(__name__)
@@ -344,11 +343,10 @@ def _tokenize_and_pack(
         new_fingerprint=_fingerprint(ds._fingerprint, token_hash, "tokenize"),
         desc=f"Tokenizing {split}",
     )
-    lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy(zero_copy_only=False)
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
     # Packing reads straight from the tokenized Arrow table, so each batch emits every block that *starts* in its
-    # documents, spilling into the next documents: the blocks are those of one global concatenation.
+    # documents, spilling into the next documents: the blocks are those of one global concatenation. It is a copy
+    # of the tokens, cheaper than starting worker processes (and sending them the table): one process does it.
+    starts = DocumentStarts(tokenized.data.column("input_ids"))
     return (
         tokenized.with_format("arrow")
         .map(
@@ -359,7 +357,6 @@ def _tokenize_and_pack(
             remove_columns=["input_ids"],
             features=_TOKENS,
             fn_kwargs={"tokens": tokenized.data, "starts": starts, "block_len": block_len},
-            num_proc=num_proc,
             load_from_cache_file=reuse,
             new_fingerprint=_fingerprint(tokenized._fingerprint, str(block_len), "pack"),
             desc=f"Packing {split} into blocks of {block_len}",

@@ -66,26 +66,64 @@ def cut_blocks(tokens: np.ndarray, block_len: int) -> tuple[np.ndarray, np.ndarr
     return tokens[: n * block_len].reshape(n, block_len), tokens[n * block_len :]
 
 
+class DocumentStarts:
+    """Where each document of a tokenized column (a chunked Arrow list column, memory-mapped) begins in the
+    concatenation of all of them, without an array of one start per document: memory stays flat as the corpus
+    grows. It keeps one row count and one token count per Arrow chunk (`datasets` writes a chunk per 1,000 rows)
+    and reads a document's start from its chunk's offsets; small enough to send to `datasets.map` workers."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        rows, tokens = [0], [0]
+        for chunk in column.chunks:
+            offsets = chunk.offsets
+            rows.append(rows[-1] + len(chunk))
+            tokens.append(tokens[-1] + (offsets[len(chunk)].as_py() - offsets[0].as_py() if len(chunk) else 0))
+        self.chunk_rows, self.chunk_tokens = np.array(rows, dtype=np.int64), np.array(tokens, dtype=np.int64)
+
+    @property
+    def total(self) -> int:
+        """Tokens in all documents."""
+        return int(self.chunk_tokens[-1])
+
+    def between(self, column: pa.ChunkedArray, lo: int, hi: int) -> np.ndarray:
+        """The starts of documents ``lo`` .. ``hi`` (both included; document ``len(column)`` starts at `total`)."""
+        if lo >= len(column):
+            return np.full(1, self.total, dtype=np.int64)
+        c = int(np.searchsorted(self.chunk_rows, lo, side="right")) - 1  # the (non-empty) chunk holding ``lo``
+        offsets = column.chunk(c).offsets
+        first = int(self.chunk_tokens[c]) + offsets[lo - int(self.chunk_rows[c])].as_py() - offsets[0].as_py()
+        hi = min(hi, len(column))
+        lengths = pc.list_value_length(column.slice(lo, hi - lo)).to_numpy(zero_copy_only=False)
+        starts = np.empty(hi - lo + 1, dtype=np.int64)
+        starts[0] = first
+        np.cumsum(lengths, out=starts[1:])
+        starts[1:] += first
+        return starts
+
+
 def pack_document_batch(
-    batch: pa.Table, indices: list[int], tokens: pa.Table, starts: np.ndarray, block_len: int
+    batch: pa.Table, indices: list[int], tokens: pa.Table, starts: DocumentStarts, block_len: int
 ) -> pa.Table:
     """A `datasets.map` function (``batched=True, with_indices=True``) over tokenized documents: every block that
     *starts* in this batch's documents, read from the whole table ``tokens`` so it may run into later documents.
 
-    ``starts[d]`` is where document ``d`` begins in the concatenation (``starts[-1]``: its length). Batches are
+    ``starts`` (`DocumentStarts` of ``tokens``) says where each document begins in the concatenation. Batches are
     independent (so worker processes can pack them), and together they emit the blocks of one concatenation.
     """
+    column = tokens.column("input_ids")
     first, end = indices[0], indices[-1] + 1
-    n_blocks = int(starts[-1]) // block_len
-    b0 = -(-int(starts[first]) // block_len)  # the first block starting at or after this batch's first token
-    b1 = min(-(-int(starts[end]) // block_len), n_blocks)
+    n_blocks = starts.total // block_len
+    # Every document holds at least its EOS, so the block_len documents after the batch hold its last block's end.
+    doc_starts = starts.between(column, first, end + block_len)  # doc_starts[i]: start of document first + i
+    b0 = -(-int(doc_starts[0]) // block_len)  # the first block starting at or after this batch's first token
+    b1 = min(-(-int(doc_starts[end - first]) // block_len), n_blocks)
     if b1 <= b0:
         return _blocks_table(np.empty((0, block_len), dtype=np.int32))
     lo, hi = b0 * block_len, b1 * block_len
-    d0 = int(np.searchsorted(starts, lo, side="right")) - 1  # documents [d0, d1) hold tokens [lo, hi)
-    d1 = int(np.searchsorted(starts, hi, side="left"))
-    flat = pc.list_flatten(tokens.column("input_ids").slice(d0, d1 - d0)).to_numpy()
-    offset = lo - int(starts[d0])
+    d0 = first + int(np.searchsorted(doc_starts, lo, side="right")) - 1  # documents [d0, d1) hold tokens [lo, hi)
+    d1 = first + int(np.searchsorted(doc_starts, hi, side="left"))
+    flat = pc.list_flatten(column.slice(d0, d1 - d0)).to_numpy()
+    offset = lo - int(doc_starts[d0 - first])
     return _blocks_table(cut_blocks(flat[offset : offset + hi - lo], block_len)[0])
 
 

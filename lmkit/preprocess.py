@@ -41,6 +41,7 @@ from lmkit.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
+_SHARD_BYTES = 500 * 10**6  # save_to_disk's default largest shard
 # Manifest keys that describe the request: the same request on an existing folder is up to date.
 REQUEST_KEYS = ("format", "sources", "validation", "tokenizer", "vocab_size", "block_size", "sample_by")
 
@@ -113,17 +114,25 @@ def preprocess(
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        # One process copies the blocks: save_to_disk's num_proc starts a "spawn" pool whose workers import
+        # everything again, seconds more than the copy itself. Still at least one shard per worker, for readers.
         workers = data_args.preprocessing_num_workers
-        blocks.save_to_disk(str(staging), num_proc=workers if workers and workers > 1 else None)
+        shards = {split: _num_shards(len(ds), block_len, workers) for split, ds in blocks.items()}
+        blocks.save_to_disk(str(staging), num_shards=shards)
         tokenizer.save_pretrained(str(staging / TOKENIZED_TOKENIZER))
-        for split in blocks:
-            manifest["splits"][split]["shards"] = len(list((staging / split).glob("data-*.arrow")))
+        for split, n in shards.items():
+            manifest["splits"][split]["shards"] = n
         (staging / TOKENIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _replace(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Tokenized dataset %s: %s", out, json.dumps(manifest["splits"]))
     return True, manifest
+
+
+def _num_shards(blocks: int, block_len: int, workers: int | None) -> int:
+    """Shards of at most ``_SHARD_BYTES`` (int32 tokens), at least one per worker, never more than blocks."""
+    return max(1, min(blocks, max(workers or 1, -(-blocks * block_len * 4 // _SHARD_BYTES))))
 
 
 def _holds_request(out: Path, request: dict[str, Any], overwrite: bool) -> bool:

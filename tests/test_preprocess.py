@@ -3,11 +3,14 @@ first without a collective timeout (lmkit.distributed.main_process_first)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import runpy
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from _accelerate import REPO, TINY_PRETRAIN, free_port, run
 from datasets import load_from_disk
@@ -24,6 +27,7 @@ from lmkit.data import (
     use_tokenized_dataset,
 )
 from lmkit.errors import LMKitError
+from lmkit.packing import DocumentStarts, cut_blocks, pack_document_batch
 from lmkit.preprocess import preprocess
 from lmkit.tokenizer import build_tokenizer
 
@@ -162,3 +166,27 @@ def test_tokenized_dataset_block_size_follows_the_manifest_unless_explicit(tmp_p
     other = build_tokenizer("char", ["xyz"])
     with pytest.raises(LMKitError, match="tokenized with another tokenizer"):
         load_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "tok")), tokenizer=other)
+
+
+# -- packing without a start per document (memory flat as the corpus grows) ------------------------------------
+
+
+def test_packing_reads_document_starts_from_the_arrow_chunks():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50, size=rng.integers(1, 12)).astype(np.int32) for _ in range(200)]
+    column = pa.array([d.tolist() for d in docs], pa.list_(pa.int32()))
+    # chunks as datasets writes them, one empty, and sliced ones whose offsets do not start at 0
+    cuts = [0, 13, 13, 90, 91, 160, 200]
+    chunks = [column.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
+    tokens = pa.table({"input_ids": pa.chunked_array(chunks)})
+    starts = DocumentStarts(tokens.column("input_ids"))
+    lengths = np.array([len(d) for d in docs])
+    assert starts.total == lengths.sum()
+    assert starts.between(tokens.column("input_ids"), 37, 120).tolist() == np.cumsum([0, *lengths])[37:121].tolist()
+    flat = np.concatenate(docs)
+    for block_len in (1, 5, 16, 64):
+        expected, _ = cut_blocks(flat, block_len)
+        for batch in (1, 7, 50, 200):
+            got = [pack_document_batch(None, list(range(i, min(i + batch, 200))), tokens, starts, block_len)
+                   for i in range(0, 200, batch)]  # fmt: skip
+            assert sum((t.column("input_ids").to_pylist() for t in got), []) == expected.tolist()
