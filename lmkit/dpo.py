@@ -46,8 +46,9 @@ from lmkit.collator import IGNORE_INDEX
 from lmkit.data import FORMATS, _fingerprint, _tokenizer_hash, resolve_data_files
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
+from lmkit.mixture import Source, log_mix, mix_blocks, parse_sources
 from lmkit.rows import hold_out_indices, json_rows, messages_problem
-from lmkit.sft import chat_segments, tokenize_example
+from lmkit.sft import _more_examples, chat_segments, tokenize_example
 from lmkit.trainer import LMTrainer
 
 logger = logging.getLogger(__name__)
@@ -150,27 +151,33 @@ def read_preference_rows(sources: Iterator[tuple[str, Any]], field: str) -> tupl
     return rows, identical
 
 
-def load_preference_rows(data_args: DataArguments, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """{"train": rows, "validation": rows} from ``--train_files`` / ``--validation_files`` or ``--dataset_name``.
+def load_preference_rows(
+    data_args: DataArguments, seed: int, source: Source | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """{"train": rows, "validation": rows} of one source: its files (with ``--validation_files``) or hub dataset.
 
-    Without validation files (or a hub validation/test split), ``--validation_split`` of the pairs is held out at
-    random with ``seed``. Pairs whose chosen equals rejected are dropped with a warning that counts them.
+    ``source`` is a `lmkit.mixture.Source` (`load_preference_sources` loads each of a mixture); None: the run's one
+    source, ``--train_files`` or ``--dataset_name``. Without validation files (or a hub validation/test split),
+    ``--validation_split`` of the pairs is held out at random with ``seed``. Pairs whose chosen equals rejected are
+    dropped with a warning that counts them.
     """
+    if source is None:
+        (source,) = parse_sources(data_args)
     splits: dict[str, list[dict[str, Any]]] = {}
-    if data_args.dataset_name is not None:
+    if source.dataset_name is not None:
         from datasets import load_dataset
 
-        hub = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-        names = {"train": "train", "validation": next((s for s in ("validation", "test") if s in hub), None)}
-        for split, name in names.items():
+        hub = load_dataset(source.dataset_name, source.dataset_config_name)
+        held = next((s for s in ("validation", "test") if s in hub), None) if source.split == "train" else None
+        for split, name in {"train": source.split, "validation": held}.items():
             if name is not None:
-                where = ((f"{data_args.dataset_name}[{name}] row {i}", r) for i, r in enumerate(hub[name]))
-                splits[split] = _read_split(where, f"--dataset_name {data_args.dataset_name}", split)
+                where = ((f"{source.dataset_name}[{name}] row {i}", r) for i, r in enumerate(hub[name]))
+                splits[split] = _read_split(where, f"{source.flag('dataset_name')} {source.dataset_name}", split)
     else:
-        if not data_args.train_files:
+        if not source.files:
             raise LMKitError("--train_files is required: JSONL / parquet rows with 'chosen' and 'rejected'")
         for split, patterns, flag in (
-            ("train", data_args.train_files, "--train_files"),
+            ("train", list(source.files), source.flag("files")),
             ("validation", data_args.validation_files, "--validation_files"),
         ):
             if patterns:
@@ -181,10 +188,39 @@ def load_preference_rows(data_args: DataArguments, seed: int) -> dict[str, list[
         raise LMKitError("training data: no preference pairs left (every pair's chosen equals its rejected)")
     if "validation" not in splits:
         rows = splits["train"]
-        train, validation = hold_out_indices(len(rows), data_args.validation_split, seed, unit="pair")
+        train, validation = hold_out_indices(
+            len(rows), data_args.validation_split, seed, unit="pair", hint=_more_examples(source)
+        )
         splits["train"], splits["validation"] = [rows[i] for i in train], [rows[i] for i in validation]
-    logger.info("preference pairs: %d train, %d validation", len(splits["train"]), len(splits["validation"]))
+    named = "" if source.implicit else f" ({source.name})"
+    logger.info("preference pairs%s: %d train, %d validation", named, len(splits["train"]), len(splits["validation"]))
     return splits
+
+
+def load_preference_sources(data_args: DataArguments, seed: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every source's {"train", "validation"} rows (`load_preference_rows`), by name: the ``--datasets`` sources,
+    or the one of ``--train_files`` / ``--dataset_name``."""
+    return {s.name: load_preference_rows(data_args, seed, s) for s in parse_sources(data_args)}
+
+
+def mix_preference_sources(
+    datasets: dict[str, dict[str, Dataset]], data_args: DataArguments, seed: int
+) -> dict[str, Dataset | dict[str, Dataset]]:
+    """Each source's tokenized {"train", "validation"} pairs (reference log-probs added, if any) as the run's splits.
+
+    One source: its splits as they are. Several: the training pairs mixed by weight (`lmkit.mixture.mix_blocks`:
+    the order of `lmkit.mixture.source_choices`, ending when a source runs out; the realized mix is logged) and
+    "validation" ``{name: that source's pairs}``, which `lmkit.trainer.LMTrainer.evaluate` reports as ``eval_loss``
+    (over all pairs) and ``eval_<name>_loss``. Sources are mixed after tokenizing and scoring, so each source's
+    tokens and reference log-probs are cached on their own and stay valid when the weights change.
+    """
+    sources = parse_sources(data_args)
+    if len(sources) == 1:
+        return datasets[sources[0].name]
+    mixed, counts = mix_blocks({s.name: datasets[s.name]["train"] for s in sources}, sources, seed)
+    log_mix(counts, sources, None, unit="pairs")
+    held = {s.name: datasets[s.name]["validation"] for s in sources if "validation" in datasets[s.name]}
+    return {"train": mixed, "validation": held} if held else {"train": mixed}
 
 
 def _read_split(sources: Iterator[tuple[str, Any]], field: str, split: str) -> list[dict[str, Any]]:
@@ -309,6 +345,32 @@ def build_preference_dataset(
     dataset = dataset.remove_columns("status")
     logger.info("%s: %d preference pairs tokenized", split, len(dataset))
     return dataset
+
+
+def build_preference_sources(
+    rows: dict[str, dict[str, list[dict[str, Any]]]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    cache_dir: Path | None = None,
+    num_proc: int | None = None,
+) -> dict[str, dict[str, Dataset]]:
+    """`build_preference_dataset` of every source's splits that hold pairs (`load_preference_sources`' rows)."""
+    return {
+        name: {
+            split: build_preference_dataset(
+                split_rows,
+                tokenizer,
+                max_length,
+                split=split if len(rows) == 1 else f"{split} ({name})",
+                cache_dir=cache_dir,
+                num_proc=num_proc,
+            )
+            for split, split_rows in splits.items()
+            if split_rows
+        }
+        for name, splits in rows.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

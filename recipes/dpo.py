@@ -9,7 +9,8 @@
 Rows are TRL's preference formats (see lmkit.dpo): {"prompt", "chosen", "rejected"} strings or message lists, or
 {"chosen", "rejected"} whole conversations sharing the prompt. The reference (the starting model, the base under
 --use_lora, or --ref_model_name_or_path) scores every pair once before training; its log-probs are cached on disk
-and no second model stays in memory. Without --config this uses recipes/configs/dpo.yaml.
+and no second model stays in memory. Without --config this uses recipes/configs/dpo.yaml. --datasets (a YAML list,
+see lmkit.mixture) mixes preference sources by weight; evaluation reports eval_<name>_loss per source.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from lmkit.dpo import (
     PreferenceCollator,
     PreferenceTrainer,
     add_reference_logps_to_splits,
-    build_preference_dataset,
+    build_preference_sources,
     cache_root,
     check_reference_tokenizer,
     is_conversational,
-    load_preference_rows,
+    load_preference_sources,
+    mix_preference_sources,
     model_key,
 )
 from lmkit.dpo_args import PreferenceArguments
@@ -45,6 +47,7 @@ from lmkit.finetune import (
     resolve_starting_point,
 )
 from lmkit.finetune_args import FinetuneArguments
+from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
 from lmkit.runtime import model_size, prepare_run, train_and_save
 from lmkit.sft import resolve_chat_template
@@ -76,9 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
     tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
     saved_vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < n_saved}
-    rows = load_preference_rows(data_args, seed=args.seed)
+    rows = load_preference_sources(data_args, seed=args.seed)  # {source: {"train", "validation"}}; --datasets: several
     new_special: list[str] = []
-    if is_conversational(rows["train"]):
+    if any(is_conversational(splits["train"]) for splits in rows.values()):
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -97,11 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cache_dir = cache_root(data_args)
     settings = {"cache_dir": cache_dir, "num_proc": data_args.preprocessing_num_workers}
     with args.main_process_first():  # rank 0 tokenizes into the cache, the others then read it
-        datasets = {
-            split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, **settings)
-            for split, split_rows in rows.items()
-            if split_rows
-        }
+        datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
 
     # -- reference log-probs: one pass, cached; then only the policy stays in memory -----------------------------
@@ -112,9 +111,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             check_reference_tokenizer(ref_tokenizer, saved_vocab, ref_spec)
             ref_model, _ = build(ref_spec, ref_tokenizer)
         key = model_key(ref_spec or spec, extra=f"{new_special}|{model_args.attn_implementation}")
-        datasets = add_reference_logps_to_splits(datasets, ref_model, collator, args, key=key, cache_dir=cache_dir)
+        datasets = {
+            name: add_reference_logps_to_splits(splits, ref_model, collator, args, key=key, cache_dir=cache_dir)
+            for name, splits in datasets.items()
+        }
         del ref_model
         gc.collect()
+    datasets = mix_preference_sources(datasets, data_args, args.seed)  # one source: its splits as they are
 
     if "validation" not in datasets:
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(
         "model: %s; loss %s (beta %g); %d train / %d eval pairs",
         model_size(model), pref_args.loss_type, pref_args.beta, len(datasets["train"]),
-        len(datasets.get("validation") or []),
+        held_out_rows(datasets.get("validation")),
     )  # fmt: skip
 
     # -- train, save and evaluate -----------------------------------------------------------------------------

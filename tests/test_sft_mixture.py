@@ -1,5 +1,6 @@
 """SFT mixtures (``--datasets`` of prompt/completion and chat files): rows per source by weight, per-source eval,
-the same rows as ``--train_files`` for one source, streamed mixtures replayed exactly, bad mixtures refused.
+the same rows as ``--train_files`` for one source, streamed mixtures replayed exactly, bad mixtures refused; and
+the same for preference pairs (recipes/dpo.py).
 
 Source "rev" asks to reverse a word, source "rot" to rotate one: a decoded row shows which source it came from.
 """
@@ -13,6 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
+from test_dpo import base  # noqa: F401 (base: the tiny checkpoint fixture of the DPO tests)
+from test_dpo import run as dpo_run
 from test_finetune import lmkit_base, run  # noqa: F401 (lmkit_base: the tiny lmkit checkpoint fixture)
 from test_sft import tok  # noqa: F401 (tok: the char tokenizer fixture with ChatML markers)
 from test_streaming_resume import StopAfter, losses, make_trainer
@@ -220,3 +223,31 @@ def test_finetune_refuses_text_beside_sft_in_one_line(lmkit_base, tmp_path, caps
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("lmkit: error: --datasets notes.files: raw text (no prompt/completion or messages")
     assert not (tmp_path / "out").exists()
+
+
+# -- recipes/dpo.py: preference sources ----------------------------------------------------------------------------
+
+
+def test_dpo_mixes_preference_sources_by_weight_and_reports_each(base, tmp_path, caplog):  # noqa: F811
+    distinct = ["".join(w) for w in itertools.islice(itertools.permutations("abcdefg", 3), 40)]  # chosen != rejected
+    rev = [{"prompt": f"rev {w}\n", "chosen": w[::-1], "rejected": w} for w in distinct]
+    rot = [  # conversational pairs beside string pairs: both tokenize to the same columns
+        {"prompt": [{"role": "user", "content": f"rot {w}"}], "chosen": [{"role": "assistant", "content": w[1:] + w[0]}],
+         "rejected": [{"role": "assistant", "content": w}]}
+        for w in distinct
+    ]  # fmt: skip
+    entries = [{"name": "rev", "files": str(write_jsonl(tmp_path / "rev.jsonl", rev)), "weight": 0.75},
+               {"name": "rot", "files": str(write_jsonl(tmp_path / "rot.jsonl", rot)), "weight": 0.25}]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        metrics = dpo_run(
+            "--model_name_or_path", base, "--datasets", json.dumps(entries), "--output_dir", tmp_path / "out",
+            "--cache_dir", tmp_path / "cache", "--validation_split", 0.1, "--max_length", 48, "--max_steps", 2,
+            "--per_device_train_batch_size", 4, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "no",
+        )  # fmt: skip
+    # 36 train pairs each: "rev" runs out first, after its 36 pairs with 16 of "rot" (52 pairs: part of one
+    # shuffled chunk of 100, which holds 75 + 25, so a short mixture is only near the weights)
+    assert "Mixture of 2 sources: rev 36 pairs (69.2%, weight 75.0%); rot 16 pairs (30.8%, weight 25.0%)" in (
+        caplog.messages
+    )
+    rev_loss, rot_loss = metrics["eval_rev_loss"], metrics["eval_rot_loss"]
+    assert metrics["eval_loss"] == pytest.approx((rev_loss * 4 + rot_loss * 4) / 8, abs=1e-12)  # 4 held out of each
