@@ -4,9 +4,11 @@
     python benchmarks/bench_preprocess.py --sizes_mb 300 --no_reference   # peak RSS on a larger corpus
 
 For each corpus size (tinyshakespeare repeated, one document a line as run_clm reads .txt), in fresh processes and
-fresh caches: preprocess's wall time, tokens/s and peak RSS (the main process and the largest worker), then the
-reference at the same number of processes and the ratio (``--repeats``: alternated pairs, median ratio); last, the wall time of a 1-step pretrain on each
-preprocessed size (start-up to the first step and the save: it should not grow with the corpus).
+fresh caches: preprocess's wall time, tokens/s, CPU seconds (all processes) and peak RSS (the main process and the
+largest worker), then the reference at the same number of processes and the ratios (``--repeats``: alternated
+pairs, median ratio; tokens per CPU second is the ratio the load of other processes sways least); last, the wall
+time of a 1-step pretrain on each preprocessed size (start-up to the first step and the save: it should not grow
+with the corpus).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ grouped = tokenized.map(group_texts, batched=True, num_proc=workers)
 n = len(grouped["train"]) * block_size
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+      "cpu_s": sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                           resource.RUSAGE_CHILDREN)))}))
 """
 
 OURS = r"""
@@ -61,7 +65,9 @@ manifest = recipe["main"](sys.argv[1:])
 n = sum(s["tokens"] for s in manifest["splits"].values())
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+      "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+      "cpu_s": sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                           resource.RUSAGE_CHILDREN)))}))
 """
 
 
@@ -99,27 +105,32 @@ def main() -> None:
         corpus = tmp / f"corpus-{mb}.txt"
         make_corpus(corpus, mb)
         out = tmp / f"tok-{mb}"
-        ratios = []
+        ratios, cpu_ratios = [], []
         for rep in range(opts.repeats):  # fresh output and caches each time; ours then the reference, alternated
             shutil.rmtree(out, ignore_errors=True)
             flags = ["--train_files", corpus, "--tokenizer", tmp / "tokenizer", "--block_size", opts.block_size,
                      "--sample_by", "line", "--preprocessing_num_workers", opts.workers, "--cache_dir",
-                     tmp / f"c-{mb}-{rep}", "--output_dir", out, "--max_position_embeddings", opts.block_size]  # fmt: skip
+                     tmp / f"c-{mb}-{rep}", "--output_dir", out,
+                     "--max_position_embeddings", opts.block_size]  # fmt: skip
             ours = run(OURS, REPO / "recipes" / "preprocess.py", *flags)
             shutil.rmtree(tmp / f"c-{mb}-{rep}", ignore_errors=True)
             ours_tps = ours["tokens"] / ours["seconds"]
             line = (f"{mb} MB: preprocess {ours['seconds']:.1f} s, {ours_tps:,.0f} tokens/s, peak RSS "
-                    f"{ours['rss_mb']:.0f} MB (largest worker {ours['child_rss_mb']:.0f} MB)")  # fmt: skip
+                    f"{ours['rss_mb']:.0f} MB (largest worker {ours['child_rss_mb']:.0f} MB), "
+                    f"{ours['cpu_s']:.1f} CPU s")  # fmt: skip
             if not opts.no_reference:
                 ref = run(REFERENCE, corpus, tmp / "tokenizer", tmp / f"r-{mb}-{rep}", opts.workers, opts.block_size)
                 shutil.rmtree(tmp / f"r-{mb}-{rep}", ignore_errors=True)
                 ref_tps = ref["tokens"] / ref["seconds"]
                 ratios.append(ours_tps / ref_tps)
+                cpu_ratios.append((ours["tokens"] / ours["cpu_s"]) / (ref["tokens"] / ref["cpu_s"]))
                 line += (f" | run_clm {ref['seconds']:.1f} s, {ref_tps:,.0f} tokens/s, peak RSS {ref['rss_mb']:.0f} MB "
-                         f"(worker {ref['child_rss_mb']:.0f} MB) | ratio {ratios[-1]:.2f}x")  # fmt: skip
+                         f"(worker {ref['child_rss_mb']:.0f} MB), {ref['cpu_s']:.1f} CPU s | ratio {ratios[-1]:.2f}x, "
+                         f"per CPU second {cpu_ratios[-1]:.2f}x")  # fmt: skip
             print(line, flush=True)
         if ratios:
-            print(f"{mb} MB: median ratio {statistics.median(ratios):.2f}x of {', '.join(f'{r:.2f}' for r in ratios)}")
+            print(f"{mb} MB: median ratio {statistics.median(ratios):.2f}x of {', '.join(f'{r:.2f}' for r in ratios)}; "
+                  f"tokens per CPU second {statistics.median(cpu_ratios):.2f}x")  # fmt: skip
         t0 = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain.py"), "--tokenized_dataset", str(out),
                         "--vocab_size", "8192", "--hidden_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",

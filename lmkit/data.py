@@ -315,8 +315,8 @@ def build_lm_datasets(
         )
     if len(out["train"]) == 0:
         raise LMKitError(f"the training data is shorter than --block_size + 1 = {block_len} tokens")
-    if data_args.max_eval_blocks is not None and len(out["validation"]) > data_args.max_eval_blocks:
-        out["validation"] = out["validation"].select(range(data_args.max_eval_blocks))
+    if data_args.max_eval_blocks is not None:
+        out["validation"] = _first_blocks(out["validation"], data_args.max_eval_blocks)
     logger.info("Blocks of %d tokens: %d train, %d validation", block_len, len(out["train"]), len(out["validation"]))
     return out
 
@@ -609,13 +609,20 @@ def use_tokenized_dataset(data_args: DataArguments, explicit: frozenset[str]) ->
     return manifest
 
 
+def tokenized_validation_split(source: str, n_sources: int) -> str:
+    """The split of a tokenized dataset that holds ``source``'s validation blocks: "validation" for a single
+    source, "validation.NAME" for each source of a mixture (evaluated on its own: ``eval_NAME_loss``)."""
+    return "validation" if n_sources == 1 else f"validation.{source}"
+
+
 def load_tokenized_dataset(
     data_args: DataArguments, tokenizer: PreTrainedTokenizerBase | None = None
-) -> tuple[dict[str, Dataset], PreTrainedTokenizerBase]:
+) -> tuple[dict[str, Any], PreTrainedTokenizerBase]:
     """(splits "train" / "validation" of packed blocks, tokenizer) from ``--tokenized_dataset``, memory-mapped.
 
-    Without ``tokenizer`` (pretraining) the dataset's own tokenizer is loaded; with one (fine-tuning: the model's)
-    its hash must be the manifest's. No raw text is read and nothing is tokenized.
+    "validation" is as `build_mixture` gives it for a run on the raw text: one dataset, or for a mixture
+    ``{source name: its blocks}``. Without ``tokenizer`` (pretraining) the dataset's own tokenizer is loaded; with
+    one (fine-tuning: the model's) its hash must be the manifest's. No raw text is read and nothing is tokenized.
     """
     directory = Path(data_args.tokenized_dataset)
     manifest = read_tokenized_manifest(directory)
@@ -629,11 +636,18 @@ def load_tokenized_dataset(
             f"than the model's (hash {theirs}); preprocess again with --tokenizer set to the model's"
         )
     loaded = datasets.load_from_disk(str(directory))
-    out = {split: loaded[split] for split in ("train", "validation")}
-    if data_args.max_eval_blocks is not None and len(out["validation"]) > data_args.max_eval_blocks:
-        out["validation"] = out["validation"].select(range(data_args.max_eval_blocks))
+    names = [source["name"] for source in manifest["sources"]]
+    validation = {name: loaded[tokenized_validation_split(name, len(names))] for name in names}
+    if data_args.max_eval_blocks is not None:
+        validation = {name: _first_blocks(ds, data_args.max_eval_blocks) for name, ds in validation.items()}
+    out = {"train": loaded["train"], "validation": validation if len(names) > 1 else validation[names[0]]}
     logger.info(
-        "Tokenized dataset %s: blocks of %d tokens, %d train, %d validation",
-        directory, row_length(manifest["block_size"]), len(out["train"]), len(out["validation"]),
+        "Tokenized dataset %s: blocks of %d tokens, %d train, %s validation",
+        directory, row_length(manifest["block_size"]), len(out["train"]),
+        ", ".join(f"{len(ds)} {name}" if len(names) > 1 else str(len(ds)) for name, ds in validation.items()),
     )  # fmt: skip
     return out, tokenizer
+
+
+def _first_blocks(ds: Dataset, n: int) -> Dataset:
+    return ds.select(range(n)) if len(ds) > n else ds

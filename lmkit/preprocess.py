@@ -1,13 +1,18 @@
 """Tokenize once: raw text -> a packed, sharded dataset on disk that every rank of every later run memory-maps.
 
-`preprocess` runs the pretraining pipeline of `lmkit.data` (``load_raw_datasets`` and ``build_lm_datasets``: the
-same blocks as a run on the raw text, by construction) with ``--preprocessing_num_workers`` processes, streaming
-through Arrow files (`datasets.map` writes every batch to disk; nothing holds the corpus in memory), and saves
-it with ``save_to_disk`` (shards of at most 500 MB, at least one per worker). The output folder holds::
+`preprocess` runs the pretraining pipeline of `lmkit.data` (``load_sources``, ``build_lm_datasets`` for each source
+and `lmkit.mixture.mix_blocks`: the same blocks as a run on the raw text, by construction) with
+``--preprocessing_num_workers`` processes, streaming through Arrow files (`datasets.map` writes every batch to disk;
+nothing holds the corpus in memory), and saves it with ``save_to_disk`` (shards of at most 500 MB, at least one
+per worker). The output folder holds::
 
     dataset_dict.json  train/  validation/      the blocks: rows {"input_ids": block_size + 1 ids}
     tokenizer/                                  the tokenizer that made them
     manifest.json                               what was asked (sources, tokenizer, block size, split) and made
+
+A mixture (``--datasets``) stores its training blocks mixed by weight, as a run on the raw text mixes them, and one
+validation split per source, ``validation.NAME/``, so that a run reports ``eval_NAME_loss`` for each; the manifest's
+``mix`` gives each source's blocks packed, blocks and tokens used and its realized share.
 
 ``--tokenized_dataset DIR`` loads it (`lmkit.data.load_tokenized_dataset`). The folder appears whole or not at
 all: it is written to a staging folder beside it and renamed at the end.
@@ -31,11 +36,14 @@ from lmkit.data import (
     TOKENIZED_MANIFEST,
     TOKENIZED_TOKENIZER,
     build_lm_datasets,
-    load_raw_datasets,
+    load_sources,
     resolve_data_files,
+    source_texts,
+    tokenized_validation_split,
     tokenizer_hash,
 )
 from lmkit.errors import LMKitError
+from lmkit.mixture import Source, log_mix, mix_blocks, parse_sources, probabilities
 from lmkit.packing import row_length
 from lmkit.tokenizer import build_tokenizer
 
@@ -43,33 +51,45 @@ logger = logging.getLogger(__name__)
 
 _SHARD_BYTES = 500 * 10**6  # save_to_disk's default largest shard
 # Manifest keys that describe the request: the same request on an existing folder is up to date.
-REQUEST_KEYS = ("format", "sources", "validation", "tokenizer", "vocab_size", "block_size", "sample_by")
+REQUEST_KEYS = ("format", "sources", "validation", "seed", "tokenizer", "vocab_size", "block_size", "sample_by")
 
 
 def describe_request(data_args: DataArguments, vocab_size: int | None, seed: int) -> dict[str, Any]:
-    """The manifest's request part: sources (a list, one element per source, with its weight), validation,
-    tokenizer and packing. Files are named with their size and modification time, so an edited file is new."""
-    if data_args.dataset_name is not None:
-        source = {"name": data_args.dataset_name, "dataset_name": data_args.dataset_name,
-                  "dataset_config_name": data_args.dataset_config_name}  # fmt: skip
-    else:
-        files = resolve_data_files(data_args.train_files or [str(BUNDLED_CORPUS)], "--train_files")
-        source = {"name": "train_files", "files": [_file_id(f) for f in files]}
-    source.update(text_column=data_args.text_column, weight=1.0)
-    validation: dict[str, Any] = {"split": data_args.validation_split, "mode": data_args.split_mode, "seed": seed}
+    """The manifest's request part: sources (a list, one element per source, with its weight), validation, seed
+    (of the hold-out and the mix), tokenizer and packing. Files are named with their size and modification time,
+    so an edited file is new."""
+    sources = [_describe_source(s, data_args) for s in parse_sources(data_args)]
+    validation: dict[str, Any] = {"split": data_args.validation_split, "mode": data_args.split_mode}
     if data_args.validation_files is not None:
         val_files = resolve_data_files(data_args.validation_files, "--validation_files")
         validation = {"files": [_file_id(f) for f in val_files]}
     validation["max_eval_blocks"] = data_args.max_eval_blocks
     return {
         "format": TOKENIZED_FORMAT,
-        "sources": [source],
+        "sources": sources,
         "validation": validation,
+        "seed": seed,
         "tokenizer": data_args.tokenizer,
         "vocab_size": vocab_size,
         "block_size": data_args.block_size,
         "sample_by": data_args.sample_by,
     }
+
+
+def _describe_source(source: Source, data_args: DataArguments) -> dict[str, Any]:
+    if source.dataset_name is not None:
+        name = source.dataset_name if source.implicit else source.name
+        described = {"name": name, "dataset_name": source.dataset_name,
+                     "dataset_config_name": source.dataset_config_name}  # fmt: skip
+        if not source.implicit:
+            described["split"] = source.split
+    else:
+        files = resolve_data_files(list(source.files or [str(BUNDLED_CORPUS)]), source.flag("files"))
+        described = {"name": "train_files" if source.implicit else source.name, "files": [_file_id(f) for f in files]}
+    described.update(text_column=source.text_column, weight=source.weight)
+    if not source.implicit:  # the implicit source's is the request's sample_by
+        described["sample_by"] = source.sample_by
+    return described
 
 
 def _file_id(path: Path) -> dict[str, Any]:
@@ -90,25 +110,45 @@ def preprocess(
     if data_args.streaming:
         raise LMKitError("--streaming: preprocess writes the whole dataset; drop the flag")
     if data_args.tokenized_dataset is not None:
-        raise LMKitError("--tokenized_dataset: preprocess reads raw text (--train_files / --dataset_name)")
-    if getattr(data_args, "datasets", None) is not None:  # manifest "sources" is a list, ready for mixtures
-        raise LMKitError("--datasets: preprocess writes one source (--train_files or --dataset_name) for now")
+        raise LMKitError(
+            "--tokenized_dataset: preprocess reads raw text (--train_files / --dataset_name / --datasets)"
+        )
     out = Path(output_dir)
     request = describe_request(data_args, vocab_size, seed)
     if _holds_request(out, request, overwrite):
         return False, json.loads((out / TOKENIZED_MANIFEST).read_text(encoding="utf-8"))
     _remove_dead_stagings(out)
 
-    raw = load_raw_datasets(data_args, seed=seed)
-    tokenizer = build_tokenizer(data_args.tokenizer, (row["text"] for row in raw["train"]), vocab_size)
-    blocks = DatasetDict(build_lm_datasets(raw, tokenizer, data_args))
+    # As recipes/pretrain.py on raw text: sources loaded, the tokenizer built on all of them, each source packed on
+    # its own, the training blocks mixed by weight.
+    sources = parse_sources(data_args)
+    raws = load_sources(data_args, seed=seed)
+    tokenizer = build_tokenizer(data_args.tokenizer, source_texts(raws), vocab_size)
+    built = {s.name: build_lm_datasets(raws[s.name], tokenizer, data_args) for s in sources}
+    train, counts = mix_blocks({name: parts["train"] for name, parts in built.items()}, sources, seed)
     block_len = row_length(data_args.block_size)
+    log_mix(counts, sources, block_len)
+    blocks = DatasetDict(train=train)
+    for s in sources:
+        blocks[tokenized_validation_split(s.name, len(sources))] = built[s.name]["validation"]
     manifest = {
         **request,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "splits": {
             split: {"blocks": len(ds), "tokens": len(ds) * block_len, "shards": None} for split, ds in blocks.items()
         },
+        "mix": [
+            {
+                "name": described["name"],
+                "weight_share": round(p, 6),
+                "share": round(counts[s.name] / len(train), 6),
+                "blocks_packed": len(built[s.name]["train"]),
+                "blocks": counts[s.name],
+                "tokens": counts[s.name] * block_len,
+                "validation_blocks": len(built[s.name]["validation"]),
+            }
+            for s, p, described in zip(sources, probabilities(sources), request["sources"], strict=True)
+        ],  # fmt: skip
         "lmkit_version": lmkit.__version__,
     }
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"

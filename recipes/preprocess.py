@@ -6,8 +6,14 @@
 
 It takes pretrain's flags and YAML (the data flags matter: sources, --tokenizer, --vocab_size, --block_size, the
 validation split and --seed) and writes OUTPUT_DIR: the blocks (Arrow shards), the tokenizer and manifest.json
-(see lmkit.preprocess). Run again with the same flags, it says the folder is up to date; an OUTPUT_DIR holding
-anything else is refused unless --overwrite_output_dir.
+(see lmkit.preprocess). A mixture (--datasets) is written mixed by weight, with one validation split per source:
+
+    python recipes/preprocess.py --config recipes/configs/gpt2-small.yaml --output_dir tokenized/mix \
+        --datasets '[{"name": "books", "files": "books/", "weight": 0.7},
+                     {"name": "code", "files": "code/", "weight": 0.3}]'
+
+Run again with the same flags, it says the folder is up to date; an OUTPUT_DIR holding anything else is refused
+unless --overwrite_output_dir.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ import lmkit.data
 from lmkit.args import DataArguments
 from lmkit.data import (
     build_lm_datasets,
+    build_mixture,
     load_raw_datasets,
+    load_sources,
     load_tokenized_dataset,
     read_tokenized_manifest,
+    source_texts,
     tokenizer_hash,
     use_tokenized_dataset,
 )
@@ -190,3 +193,62 @@ def test_packing_reads_document_starts_from_the_arrow_chunks():
             got = [pack_document_batch(None, list(range(i, min(i + batch, 200))), tokens, starts, block_len)
                    for i in range(0, 200, batch)]  # fmt: skip
             assert sum((t.column("input_ids").to_pylist() for t in got), []) == expected.tolist()
+
+
+# -- mixtures: each source packed on its own, the training blocks mixed, validation per source ----------------
+
+
+def test_a_preprocessed_mixture_trains_on_the_blocks_of_the_raw_text_mixture(tmp_path):
+    rng = np.random.default_rng(0)
+    entries = []
+    for name, letters, weight in (("books", "abcdefgh ", 0.7), ("code", "(){};=xy ", 0.3)):
+        docs = ["".join(rng.choice(list(letters), size=rng.integers(4, 13))) for _ in range(300)]
+        (tmp_path / f"{name}.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+        entries.append({"name": name, "files": str(tmp_path / f"{name}.txt"), "weight": weight, "sample_by": "line"})
+    flags = [*TINY_PRETRAIN, "--datasets", json.dumps(entries), "--validation_split", "0.1", "--max_eval_blocks", "6",
+             "--seed", "3", "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--use_cpu", "true",
+             "--bf16", "false"]  # fmt: skip
+    recipe = runpy.run_path(str(REPO / "recipes" / "preprocess.py"))
+    manifest = recipe["main"]([*flags, "--output_dir", str(tmp_path / "tok"), "--cache_dir", str(tmp_path / "c1")])
+
+    # the raw-text run's blocks, as recipes/pretrain.py builds them
+    data_args = DataArguments(datasets=[json.dumps(entries)], tokenizer="char", block_size=16, validation_split=0.1,
+                              max_eval_blocks=6, cache_dir=str(tmp_path / "c2"))  # fmt: skip
+    raws = load_sources(data_args, seed=3)
+    raw = build_mixture(raws, build_tokenizer("char", source_texts(raws)), data_args, seed=3)
+    tokenized, _ = load_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "tok")))
+    assert list(tokenized["train"]["input_ids"]) == list(raw["train"]["input_ids"])
+    assert set(tokenized["validation"]) == set(raw["validation"]) == {"books", "code"}
+    for name in ("books", "code"):
+        assert list(tokenized["validation"][name]["input_ids"]) == list(raw["validation"][name]["input_ids"])
+
+    assert [(s["name"], s["weight"], s["sample_by"]) for s in manifest["sources"]] == [
+        ("books", 0.7, "line"), ("code", 0.3, "line")]  # fmt: skip
+    assert manifest["sources"][0]["files"][0]["path"] == str((tmp_path / "books.txt").resolve())
+    n_train = len(raw["train"])
+    assert manifest["splits"] == {
+        "train": {"blocks": n_train, "tokens": n_train * 17, "shards": 1},
+        "validation.books": {"blocks": 6, "tokens": 102, "shards": 1},
+        "validation.code": {"blocks": 6, "tokens": 102, "shards": 1},
+    }
+    # books (70% of the blocks, about as many packed as code) runs out first: the mixture ends there
+    assert [(m["name"], m["blocks_packed"], m["blocks"], m["tokens"], m["weight_share"]) for m in manifest["mix"]] == [
+        ("books", 145, 145, 145 * 17, 0.7), ("code", 143, 64, 64 * 17, 0.3)]  # fmt: skip
+    assert [m["share"] for m in manifest["mix"]] == [round(145 / 209, 6), round(64 / 209, 6)] and n_train == 209
+
+    # and a run on it reports each source's loss, as the raw-text run does, with the same values
+    pretrain = runpy.run_path(str(REPO / "recipes" / "pretrain.py"))
+    on_tokens = pretrain["main"](
+        [
+            *flags[: flags.index("--datasets")],
+            *flags[flags.index("--max_eval_blocks") :],
+            "--tokenized_dataset",
+            str(tmp_path / "tok"),
+            "--output_dir",
+            str(tmp_path / "a"),
+        ]
+    )
+    on_text = pretrain["main"]([*flags, "--cache_dir", str(tmp_path / "c3"), "--output_dir", str(tmp_path / "b")])
+    evals = {k: v for k, v in on_text.items() if k.startswith("eval_") and k.endswith("_loss")}
+    assert set(evals) == {"eval_loss", "eval_books_loss", "eval_code_loss"}
+    assert {k: on_tokens[k] for k in evals} == evals
