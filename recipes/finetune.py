@@ -38,7 +38,14 @@ from lmkit.collator import CausalLMCollator
 from lmkit.data import load_tokenized_dataset, use_tokenized_dataset
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
-from lmkit.finetune import LoadedModel, load_starting_point, load_tokenizer, merge_lora, prepare_model
+from lmkit.finetune import (
+    LoadedModel,
+    default_sft_sampling,
+    load_starting_point,
+    load_tokenizer,
+    merge_lora,
+    prepare_model,
+)
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if n_eval == 0:
         datasets["validation"] = None
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
+    default_sft_sampling(args, data_args, fmt, ft_args.packing)
     train_rows = "streamed" if data_args.streaming else f"{len(datasets['train']):,}"
     logger.info("model: %s; data: %s, %s train / %d eval rows", model_size(model), fmt, train_rows, n_eval)
 

@@ -642,3 +642,27 @@ def test_prepare_model_refuses_a_tokenizer_bigger_than_the_embedding(tmp_path):
     tokenizer, n_saved = load_tokenizer(small)
     with pytest.raises(LMKitError, match=r"^--model_name_or_path tok: the tokenizer has 32 tokens but the model's "):
         prepare_model(small, tokenizer, n_saved, [], tokenizer_spec="tok")
+
+
+@pytest.mark.parametrize(
+    "flags, grouped",
+    [
+        ([], True),  # unpacked SFT rows: grouped by length unless asked otherwise
+        (["--train_sampling_strategy", "random"], False),
+        (["--packing", "true"], False),  # packed rows have one length
+    ],
+)
+def test_sft_batches_are_grouped_by_length_by_default(lmkit_base, tmp_path, caplog, monkeypatch, flags, grouped):
+    import lmkit.trainer
+
+    measured = []  # the rows whose lengths the trainer's length-grouped sampler read
+    real = lmkit.trainer.sequence_lengths
+    monkeypatch.setattr(lmkit.trainer, "sequence_lengths", lambda ds: measured.append(len(ds)) or real(ds))
+    train, _ = reversal_task()
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(train[:64]))
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        run("--model_name_or_path", lmkit_base, "--train_files", data, "--output_dir", tmp_path / "out",
+            "--block_size", 32, "--max_steps", 1, "--per_device_train_batch_size", 8, "--eval_strategy", "no",
+            "--save_strategy", "no", *flags)  # fmt: skip
+    assert ("SFT batches are grouped by length" in caplog.text) is grouped
+    assert measured == ([61] if grouped else [])  # 64 examples, 3 held out for validation
