@@ -17,15 +17,29 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, check_block_size, fit_length
+from lmkit.args import (
+    DataArguments,
+    LMTrainingArguments,
+    ModelArguments,
+    check_block_size,
+    explicit_fields,
+    fit_length,
+)
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_lm_datasets, build_mixture, load_raw_datasets, load_sources, source_texts
-from lmkit.dpo import PreferenceCollator, build_preference_dataset, cache_root, is_conversational, load_preference_rows
+from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, source_texts, use_tokenized_dataset
+from lmkit.dpo import (
+    PreferenceCollator,
+    build_preference_sources,
+    cache_root,
+    is_conversational,
+    load_preference_sources,
+    mix_preference_sources,
+)
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
 from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer
 from lmkit.finetune_args import FinetuneArguments
-from lmkit.sft import CHAT, TEXT, build_sft_datasets, resolve_chat_template, sft_format
+from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 from lmkit.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,8 +63,12 @@ def pretrain_data(
 ) -> RecipeData:
     """recipes/pretrain.py's data: its sources (``--datasets`` or one), tokenizer (trained on the first
     ``tokenizer_docs`` documents of a stream), packed blocks mixed by weight, `CausalLMCollator`. Validation is
-    ``{source name: blocks}`` when there are several sources."""
+    ``{source name: blocks}`` when there are several sources. ``--tokenized_dataset``: its blocks and tokenizer."""
+    use_tokenized_dataset(data_args, explicit_fields(data_args))
     check_block_size(data_args, args, model_args.max_position_embeddings, "the model's --max_position_embeddings")
+    if data_args.tokenized_dataset is not None:
+        datasets, tokenizer = load_tokenized_dataset(data_args)
+        return RecipeData(tokenizer, datasets, CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
     raws = load_sources(data_args, seed=args.seed)
     texts = source_texts(raws)
     if data_args.streaming:
@@ -82,7 +100,9 @@ def finetune_data(
     model_args: ModelArguments, data_args: DataArguments, ft_args: FinetuneArguments, args: LMTrainingArguments
 ) -> RecipeData:
     """recipes/finetune.py's data: raw text as packed blocks, or prompt/completion and chat rows with their loss
-    masks (packed with ``--packing``), and the collator (padding streamed unpacked rows to ``--block_size``)."""
+    masks (packed with ``--packing``), and the collator (padding streamed unpacked rows to ``--block_size``).
+    ``--tokenized_dataset``: its blocks, which must come from the model's tokenizer."""
+    use_tokenized_dataset(data_args, explicit_fields(data_args))
     spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     check_block_size(data_args, args, max_positions, "the model's max_position_embeddings")
@@ -91,14 +111,13 @@ def finetune_data(
     if fmt == CHAT:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
-    if fmt == TEXT:
-        raw = load_raw_datasets(data_args, seed=args.seed, main_process_first=args.main_process_first)
-        datasets = build_lm_datasets(raw, tokenizer, data_args, main_process_first=args.main_process_first)
-    else:
-        datasets = build_sft_datasets(
-            data_args, tokenizer, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
-            main_process_first=args.main_process_first,
-        )  # fmt: skip
+    if data_args.tokenized_dataset is not None:
+        datasets, _ = load_tokenized_dataset(data_args, tokenizer)
+        return RecipeData(tokenizer, datasets, CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
+    datasets = build_finetune_datasets(
+        data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
+        main_process_first=args.main_process_first,
+    )  # fmt: skip
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
     return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT)
@@ -111,23 +130,20 @@ def dpo_data(
     pref_args: PreferenceArguments,
     args: LMTrainingArguments,
 ) -> RecipeData:
-    """recipes/dpo.py's data: preference pairs tokenized and cut to ``--max_length``, and `PreferenceCollator`."""
+    """recipes/dpo.py's data: preference pairs tokenized and cut to ``--max_length`` (each ``--datasets`` source on
+    its own, then mixed by weight), and `PreferenceCollator`."""
     if ft_args.train_on_prompt:
         raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
     spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
     fit_length(pref_args, "max_length", getattr(model_config, "max_position_embeddings", None),
                "the model's max_position_embeddings")  # fmt: skip
-    rows = load_preference_rows(data_args, seed=args.seed)
+    rows = load_preference_sources(data_args, seed=args.seed)
     new_special: list[str] = []
-    if is_conversational(rows["train"]):
+    if any(is_conversational(splits["train"]) for splits in rows.values()):
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
-    cache_dir = cache_root(data_args)
-    datasets = {
-        split: build_preference_dataset(split_rows, tokenizer, pref_args.max_length, split=split, cache_dir=cache_dir)
-        if split_rows
-        else None
-        for split, split_rows in rows.items()
-    }
+    settings = {"cache_dir": cache_root(data_args), "num_proc": data_args.preprocessing_num_workers}
+    datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
+    datasets = mix_preference_sources(datasets, data_args, args.seed)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
     return RecipeData(tokenizer, datasets, collator, preference=True)

@@ -230,3 +230,48 @@ def test_recipe_is_told_from_the_flags_and_config():
     assert which(["--model_name_or_path", "m", "--beta", "0.2"]) == "dpo"
     assert which(["--recipe", "pretrain", "--model_name_or_path", "m"]) == "pretrain"
     assert which(["--model_name_or_path", "m", "--recipe=dpo"]) == "dpo"
+
+
+def test_recipe_finetune_and_dpo_mixtures_show_rows_in_the_mixed_order(tmp_path, checkpoint, capsys):
+    from lmkit.mixture import source_choices
+
+    number = "cdefgh"  # the tiny checkpoint's characters hold no digits
+    for name in ("a", "b"):  # prompts name their source and number: "ac:" (a's first), "bf:" (b's fourth)
+        sft = [{"prompt": f"{name}{number[i]}:", "completion": "x"} for i in range(6)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in sft))
+        pairs = [{"prompt": f"{name}{number[i]}:", "chosen": "x", "rejected": "y"} for i in range(6)]
+        (tmp_path / f"{name}-pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    order = source_choices([1, 1], 3, 0, 6)  # --seed 3
+    taken = {0: 0, 1: 0}
+    expected = []
+    for s in order:
+        expected.append(f"{'ab'[s]}{number[taken[s]]}:")
+        taken[s] += 1
+    common = ["--model_name_or_path", str(checkpoint), "--validation_split", "0", "--seed", "3", "--cache_dir",
+              str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+
+    def mix(suffix: str) -> str:
+        return json.dumps([{"name": n, "files": str(tmp_path / f"{n}{suffix}.jsonl"), "weight": 1} for n in "ab"])
+
+    rows = _inspect(["--config", str(CONFIGS / "sft-full.yaml"), "--datasets", mix(""), "--rows", "6", *common],
+                    capsys)  # fmt: skip
+    assert ["".join(r["tokens"]).split(":")[0].split(">")[-1] + ":" for r in rows] == expected
+    pairs = _inspect(["--config", str(CONFIGS / "dpo.yaml"), "--datasets", mix("-pairs"), "--rows", "6", *common],
+                     capsys)  # fmt: skip
+    assert ["".join(p["chosen"]["tokens"]).split(":")[0].split(">")[-1] + ":" for p in pairs] == expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_pretraining_rows_of_a_tokenized_dataset(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text(TEXT * 4)
+    flags = ["--train_files", str(tmp_path / "train.txt"), "--tokenizer", "char", "--block_size", "8",
+             "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    load_recipe("preprocess").main([*flags, "--output_dir", str(tmp_path / "tok")])
+    capsys.readouterr()  # preprocess's own line
+    rows = _inspect(["--config", str(CONFIGS / "tiny.yaml"), "--tokenized_dataset", str(tmp_path / "tok"),
+                     "--rows", "2", "--output_dir", str(tmp_path / "out")], capsys)  # fmt: skip
+    import datasets
+
+    blocks = datasets.load_from_disk(str(tmp_path / "tok"))["train"]
+    assert [r["input_ids"] + [r["targets"][-1]] for r in rows] == [blocks[0]["input_ids"], blocks[1]["input_ids"]]
+    assert not (tmp_path / "out").exists()
