@@ -144,13 +144,13 @@ class LMTrainer(Trainer):
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """A dict of eval sets (a mixture's held-out blocks per source, `lmkit.data.build_mixture`) gives
-        ``eval_<name>_loss`` per source and ``eval_loss`` over all their blocks, logged and passed to the callbacks
+        ``eval_<name>_loss`` per source and ``eval_loss`` over all their targets, logged and passed to the callbacks
         once. The stock dict evaluation logs each set on its own and has no overall ``eval_loss``, which
         ``load_best_model_at_end``, the checkpoints' best metric and lmkit's logs read. Anything else: stock."""
         data = self.eval_dataset if eval_dataset is None else eval_dataset
         if not isinstance(data, dict):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        start, metrics, weighted, blocks = time.time(), {}, 0.0, 0
+        start, metrics, weighted, total, blocks = time.time(), {}, 0.0, 0, 0
         for name, dataset in data.items():
             output = self.evaluation_loop(
                 self.get_eval_dataloader(dataset), description=f"Evaluation ({name})", prediction_loss_only=True,
@@ -158,9 +158,9 @@ class LMTrainer(Trainer):
             )  # fmt: skip
             loss = output.metrics[f"{metric_key_prefix}_{name}_loss"]
             metrics[f"{metric_key_prefix}_{name}_loss"] = loss
-            # Every block has the same number of targets, so the loss over all blocks is the block-weighted mean.
-            weighted, blocks = weighted + loss * output.num_samples, blocks + output.num_samples
-        metrics[f"{metric_key_prefix}_loss"] = weighted / max(blocks, 1)
+            weight = trained_targets(dataset) or output.num_samples
+            weighted, total, blocks = weighted + loss * weight, total + weight, blocks + output.num_samples
+        metrics[f"{metric_key_prefix}_loss"] = weighted / max(total, 1)
         metrics.update(speed_metrics(metric_key_prefix, start, num_samples=blocks))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -216,3 +216,16 @@ def sequence_lengths(dataset: datasets.Dataset) -> list[int]:
     """Tokens per row of a dataset of ``input_ids`` rows, from its Arrow column (any ``select`` applied)."""
     ids = dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
     return pc.list_value_length(ids).to_pylist()
+
+
+def trained_targets(dataset: Any) -> int | None:
+    """The loss-bearing targets of a dataset of SFT rows (``labels``, -100 where nothing is learned; the collator's
+    targets are ``labels[1:]``), or None for rows without labels: text blocks, whose rows all carry the same number
+    of targets, and preference pairs, whose loss is one per pair. A mixture's overall loss weights each source by
+    this (or by its row count), so it is the mean over every target, as one eval set of them all would give."""
+    if not isinstance(dataset, datasets.Dataset) or "labels" not in dataset.column_names:
+        return None
+    labels = dataset.select_columns(["labels"]).with_format("arrow")[:]["labels"]
+    learned = pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0
+    first = pc.sum(pc.not_equal(pc.list_element(labels, 0), -100)).as_py() or 0
+    return learned - first

@@ -199,3 +199,24 @@ def test_length_grouped_sampler_is_seeded_by_seed_and_epoch():
     a.set_epoch(1)
     assert list(a) == get_length_grouped_indices(lengths, 2, generator=torch.Generator().manual_seed(4))
     assert list(a) != first and sorted(first) == list(range(12))
+
+
+def test_mixture_eval_loss_is_the_mean_over_every_target(tmp_path):
+    from datasets import concatenate_datasets
+
+    from lmkit.trainer import trained_targets
+
+    def sft_rows(lengths, prompt):  # rows of `n` tokens whose first `prompt` labels are masked
+        ids = [[(7 * i + j) % (VOCAB - 1) + 1 for j in range(n)] for i, n in enumerate(lengths)]
+        labels = [[-100] * prompt + row[prompt:] for row in ids]
+        return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+    a, b = sft_rows([12, 12, 12], 2), sft_rows([30, 6], 1)  # 3 x 10 and 29 + 5 targets: 30 vs 34, rows 3 vs 2
+    assert (trained_targets(a), trained_targets(b)) == (30, 34)
+    args = cpu_args(tmp_path, per_device_eval_batch_size=8)  # each set is one batch: its loss a mean over targets
+    trainer = LMTrainer(model=tiny_model(), args=args, data_collator=CausalLMCollator(pad_token_id=0))
+    mixed = trainer.evaluate({"a": a, "b": b})
+    whole = trainer.evaluate(concatenate_datasets([a, b]))["eval_loss"]  # one batch of all 64 targets
+    torch.testing.assert_close(mixed["eval_loss"], whole, rtol=1e-6, atol=0)
+    by_rows = (3 * mixed["eval_a_loss"] + 2 * mixed["eval_b_loss"]) / 5
+    assert abs(by_rows - whole) > 5e-5  # the row-weighted mean it replaced is another number (by 9.4e-5 here)
