@@ -106,7 +106,9 @@ class LMTrainer(Trainer):
         if checkpoint is not None and not self.is_deepspeed_enabled:  # DeepSpeed loads (and checks) its own shards
             check_checkpoint_matches_model(checkpoint, self.model)
         try:
-            with self.checkpointer.training(checkpoint, self.train_dataset, self.get_total_train_batch_size(self.args)):
+            with self.checkpointer.training(
+                checkpoint, self.train_dataset, self.get_total_train_batch_size(self.args)
+            ):
                 return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:  # `on_train_end` never runs when training raises: a handler left behind would swallow Ctrl-C
             self.preemption.restore_signals()

@@ -20,7 +20,10 @@ STEPS, SAVE_EVERY, KILL_AFTER = 40, 10, 25  # killed in step 26: resumes from ch
 
 
 def command(corpora: dict[str, Path], out: Path, streaming: bool) -> list[str]:
-    sources = [{"name": name, "files": str(path), "weight": w} for (name, path), w in zip(corpora.items(), (0.7, 0.3))]
+    sources = [
+        {"name": name, "files": str(path), "weight": w}
+        for (name, path), w in zip(corpora.items(), (0.7, 0.3), strict=True)
+    ]
     return [
         sys.executable, str(REPO / "recipes" / "pretrain.py"), "--datasets", json.dumps(sources),
         "--streaming", str(streaming).lower(), "--tokenizer", "char", "--hidden_size", "32",
