@@ -39,9 +39,7 @@ def main() -> None:
 
     from lmkit.mixture import Source, mix_blocks
 
-    print(
-        "| weights | blocks | seeds | lmkit worst / median gap (pp) | interleave_datasets worst / median gap (pp) |"
-    )
+    print("| weights | blocks | seeds | lmkit worst / median gap (pp) | interleave_datasets worst / median gap (pp) |")
     print("|---|---|---|---|---|")
     for label, weights in MIXES.items():
         sources = [Source(name=f"s{i}", weight=w, files=("x",)) for i, w in enumerate(weights)]

@@ -70,7 +70,8 @@ def test_missing_config_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "amx, avx512_bf16, expected", [(True, True, True), (True, False, True), (False, True, False), (False, False, False)]
+    "amx, avx512_bf16, expected",
+    [(True, True, True), (True, False, True), (False, True, False), (False, False, False)],
 )
 def test_bf16_defaults_to_what_the_cpu_runs_natively(tmp_path, monkeypatch, amx, avx512_bf16, expected):
     import torch

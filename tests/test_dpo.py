@@ -624,7 +624,11 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "config",
-    ["cpu.yaml", "fsdp.yaml", *(pytest.param(c, marks=pytest.mark.long) for c in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml"))],
+    [
+        "cpu.yaml",
+        "fsdp.yaml",
+        *(pytest.param(c, marks=pytest.mark.long) for c in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")),
+    ],
 )  # DeepSpeed rows: `pytest -m long` (the default suite stays <= 15 min on 2 cores)
 def test_two_process_runs_match_one_process(base, tmp_path, config):
     """accelerate launch, 2 CPU processes x 2 pairs = one process x 4 pairs: same losses and rewards (DDP, ZeRO-2,
