@@ -22,6 +22,10 @@ Rows of the table:
   flattened into one row).
 - ``lora``: peft LoRA r=16, alpha 32, dropout 0.05 on every linear layer but the head, unpacked, on both sides.
 
+Each side batches as its recipe does by default: lmkit's unpacked rows (``full``, ``lora``) are grouped by length
+(`lmkit.finetune.default_sft_sampling`), TRL's are drawn at random; ``--lmkit_order random`` gives lmkit TRL's
+order (the same batches on both sides: equal losses), ``--paths full`` adds that run to the paths table.
+
 Trained tokens/s counts the loss-bearing tokens of the batches of the timed steps (from the end of step
 ``--warmup`` to the last step), counted in the batches each side's collator produced. Peak RSS is the child
 process's ``ru_maxrss`` (each run is a fresh subprocess; imports included, the same on both sides). Runs alternate
@@ -329,6 +333,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: peak GPU memory, not RSS")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lmkit_order", default="default", choices=["default", "random"],
+                        help="random: lmkit's rows in TRL's order too, so both sides train the same batches")  # fmt: skip
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -344,10 +350,14 @@ def main() -> None:
         packing, lora, lr = ROWS[row]
         for kind in ("lmkit", "trl"):
             runs[f"{row} {kind}"] = {"kind": kind, "packing": packing, "lora": lora, "learning_rate": lr}
+        # Each side's default order: recipes/finetune.py groups unpacked rows by length
+        # (lmkit.finetune.default_sft_sampling); TRL's SFTTrainer samples at random.
+        grouped = not packing and args.lmkit_order == "default"
+        runs[f"{row} lmkit"]["sampling"] = "group_by_length" if grouped else "random"
     if args.paths:
         for path in dict.fromkeys(["full", *args.paths]):
             options = PATHS[path]
-            runs[f"{path} lmkit"] = {"kind": "lmkit", "lora": False, "learning_rate": ROWS["full"][2], **options}
+            runs[f"{path} path"] = {"kind": "lmkit", "lora": False, "learning_rate": ROWS["full"][2], **options}
 
     results: dict[str, list[dict]] = {name: [] for name in runs}
     for r in range(args.repeats):
@@ -395,7 +405,7 @@ def main() -> None:
         )
     print("trained tokens: loss-bearing (answer) tokens; TRL rows are stock LlamaForCausalLM with lmkit's weights")
     if args.paths:
-        padded = med("full lmkit", "trained_tokens_per_second")
+        padded = med("full path", "trained_tokens_per_second")
         print("\nlmkit SFT paths (same examples, one epoch each, full fine-tuning):")
         trl = med("full trl", "trained_tokens_per_second") if "full trl" in results else None
         print(
@@ -405,7 +415,7 @@ def main() -> None:
             "|------------------------------|-------|---------------|-----------|-------------|------------|-----------|"
         )
         for path in dict.fromkeys(["full", *args.paths]):
-            name, tok_s = f"{path} lmkit", med(f"{path} lmkit", "trained_tokens_per_second")
+            name, tok_s = f"{path} path", med(f"{path} path", "trained_tokens_per_second")
             vs_trl = f"{tok_s / trl:.2f}x" if trl else "-"
             print(
                 f"| {PATH_LABELS[path]:28} | {results[name][0]['steps']:>5} | {tok_s:>13.0f} | {tok_s / padded:>8.2f}x "

@@ -91,6 +91,8 @@ def test_bench_finetune_tiny_table():
             "512",
             "--warmup",
             "1",
+            "--lmkit_order",
+            "random",
         ],  # fmt: skip
         capture_output=True,
         text=True,
