@@ -27,6 +27,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "lmkit" / "corpus" / "tinyshakespeare.txt"
 
+# Peak anonymous memory of the main process, sampled: ru_maxrss also counts the pages of memory-mapped Arrow files
+# that were read (page cache, which the kernel takes back), so it grows with the corpus even when the heap does not.
+SAMPLER = r"""
+import threading, time
+peak_anon_kb = [0]
+def _sample():
+    while True:
+        with open("/proc/self/status") as status:
+            for ln in status:
+                if ln.startswith("RssAnon:"):
+                    peak_anon_kb[0] = max(peak_anon_kb[0], int(ln.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+
 # run_clm.py (transformers examples), as it tokenizes and groups: the reference, kept inline on purpose.
 REFERENCE = r"""
 import json, resource, sys, time
@@ -51,6 +66,7 @@ n = len(grouped["train"]) * block_size
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+      "anon_mb": peak_anon_kb[0] / 1024,
       "cpu_s": sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
                                                                            resource.RUSAGE_CHILDREN)))}))
 """
@@ -66,13 +82,14 @@ n = sum(s["tokens"] for s in manifest["splits"].values())
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "tokens": n,
       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+      "anon_mb": peak_anon_kb[0] / 1024,
       "cpu_s": sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
                                                                            resource.RUSAGE_CHILDREN)))}))
 """
 
 
 def run(code: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", SAMPLER + code, *map(str, args)], capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
@@ -116,7 +133,8 @@ def main() -> None:
             shutil.rmtree(tmp / f"c-{mb}-{rep}", ignore_errors=True)
             ours_tps = ours["tokens"] / ours["seconds"]
             line = (f"{mb} MB: preprocess {ours['seconds']:.1f} s, {ours_tps:,.0f} tokens/s, peak RSS "
-                    f"{ours['rss_mb']:.0f} MB (largest worker {ours['child_rss_mb']:.0f} MB), "
+                    f"{ours['rss_mb']:.0f} MB (anonymous {ours['anon_mb']:.0f} MB; "
+                    f"largest worker {ours['child_rss_mb']:.0f} MB), "
                     f"{ours['cpu_s']:.1f} CPU s")  # fmt: skip
             if not opts.no_reference:
                 ref = run(REFERENCE, corpus, tmp / "tokenizer", tmp / f"r-{mb}-{rep}", opts.workers, opts.block_size)
@@ -125,7 +143,8 @@ def main() -> None:
                 ratios.append(ours_tps / ref_tps)
                 cpu_ratios.append((ours["tokens"] / ours["cpu_s"]) / (ref["tokens"] / ref["cpu_s"]))
                 line += (f" | run_clm {ref['seconds']:.1f} s, {ref_tps:,.0f} tokens/s, peak RSS {ref['rss_mb']:.0f} MB "
-                         f"(worker {ref['child_rss_mb']:.0f} MB), {ref['cpu_s']:.1f} CPU s | ratio {ratios[-1]:.2f}x, "
+                         f"(anonymous {ref['anon_mb']:.0f} MB; worker {ref['child_rss_mb']:.0f} MB), "
+                         f"{ref['cpu_s']:.1f} CPU s | ratio {ratios[-1]:.2f}x, "
                          f"per CPU second {cpu_ratios[-1]:.2f}x")  # fmt: skip
             print(line, flush=True)
         if ratios:
