@@ -16,6 +16,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,16 @@ from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.errors import LMKitError
 from lmkit.mixture import MixtureStream, Source, log_mix, mix_blocks, parse_sources
 from lmkit.packing import DocumentStarts, cut_blocks, pack_document_batch, row_length, tokenize_documents
-from lmkit.rows import hold_out_indices, is_held_out, json_rows, text_row_problem, utf8_error_offset
+from lmkit.rows import (
+    HOLD_OUT_CHUNK,
+    check_hold_out,
+    held_out_mask,
+    hold_out_indices,
+    is_held_out,
+    json_rows,
+    text_row_problem,
+    utf8_error_offset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -261,11 +271,26 @@ def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: 
             _held_out, batched=True, input_columns="text", fn_kwargs={"seed": seed, "frac": fraction, "invert": True}
         )
         return keep, held
-    keep, held = hold_out_indices(
-        len(train), fraction, seed, tail=data_args.split_mode == "tail", unit="document",
-        hint="pass --validation_files, or --sample_by paragraph/line",
-    )  # fmt: skip
-    return train.select(keep), train.select(held)
+    n, tail = len(train), data_args.split_mode == "tail"
+    hint = "pass --validation_files, or --sample_by paragraph/line"
+    if tail or fraction <= 0:  # ranges: slices of the table, no index at all
+        keep, held = hold_out_indices(n, fraction, seed, tail=tail, unit="document", hint=hint)
+        return train.select(keep), train.select(held)
+    check_hold_out(n, fraction, unit="document", hint=hint)
+    # `Dataset.select(indices)` turns an index array into a Python list (about 40 bytes a document: 1.3 GB for a
+    # 1 GB corpus split by line). `filter` writes its index mapping batch by batch instead: memory stays flat.
+    split = partial(
+        train.filter, held_out_batch, with_indices=True, batched=True, batch_size=HOLD_OUT_CHUNK, input_columns=[]
+    )
+    keep = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": True}, desc="Holding out (train)")
+    held = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": False}, desc="Holding out")
+    return keep, held
+
+
+def held_out_batch(indices: list[int], n: int, fraction: float, seed: int, keep: bool) -> np.ndarray:
+    """A `Dataset.filter` batch: the rows `lmkit.rows.held_out_mask` keeps for training (``keep``) or holds out."""
+    held = held_out_mask(np.asarray(indices), n, fraction, seed)
+    return ~held if keep else held
 
 
 def _held_out(texts: list[str], seed: int, frac: float, invert: bool = False) -> list[bool]:

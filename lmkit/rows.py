@@ -5,7 +5,8 @@
 - One check per kind of row, each returning what is wrong (``None``: nothing): `text_row_problem` (a pretraining
   document), `prompt_completion_problem` and `chat_problem` (SFT examples), and `messages_problem` for the
   messages of any conversation. Callers put the flag, file and line in front: ``"--train_files FILE:LINE: ..."``.
-- The hold-out split: `hold_out_indices` for rows in memory (a seeded permutation, or the tail), `is_held_out` for
+- The hold-out split: `hold_out_indices` / `held_out_mask` for rows in memory (a seeded permutation per chunk of
+  10,000 rows, or the tail), `is_held_out` for
   a stream (a seeded hash of the row's text, as a stream has no length to count from).
 """
 
@@ -143,26 +144,57 @@ def messages_problem(messages: list[Any]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+HOLD_OUT_CHUNK = 10_000  # rows per hold-out draw: part of which rows are held out, keep it fixed
+
+
 def hold_out_indices(
     n: int, fraction: float, seed: int, *, tail: bool = False, unit: str = "row", hint: str = "pass --validation_files"
 ) -> tuple[Sequence[int], Sequence[int]]:
-    """(train, validation) indices of ``n`` rows, both ascending: ``round(n * fraction)`` rows (at least one if
-    ``fraction`` > 0) held out, picked by a permutation seeded with ``seed``, or the last ones with ``tail``.
+    """(train, validation) indices of ``n`` rows, both ascending: the rows `held_out_mask` holds out, or with
+    ``tail`` the last ``round(n * fraction)`` (at least one if ``fraction`` > 0).
 
     Both sides stay in corpus order, so neighbouring rows stay neighbours (inside a packed block, for documents).
-    Holding out every row raises `LMKitError` that names ``--validation_split``, counts ``unit``s and ends in
-    ``hint``.
+    Holding out every row raises `LMKitError` (`check_hold_out`).
     """
-    n_val = max(1, round(n * fraction)) if fraction > 0 else 0
-    if n_val and n_val >= n:
+    check_hold_out(n, fraction, unit, hint)
+    if tail:  # ranges: `Dataset.select` takes a contiguous range without an indices mapping
+        n_val = max(1, round(n * fraction)) if fraction > 0 else 0
+        return range(n - n_val), range(n - n_val, n)
+    held = held_out_mask(np.arange(n), n, fraction, seed)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def check_hold_out(n: int, fraction: float, unit: str = "row", hint: str = "pass --validation_files") -> None:
+    """Raise `LMKitError` naming ``--validation_split``, counting ``unit``s and ending in ``hint`` when holding out
+    ``fraction`` of ``n`` rows leaves no training row (in the first chunk, which holds at least one out)."""
+    first = min(n, HOLD_OUT_CHUNK)
+    if fraction > 0 and max(1, round(first * fraction)) >= first:
         raise LMKitError(
             f"--validation_split {fraction}: the training data has only {n} {unit}(s), too few to hold some out "
             f"({hint})"
         )
-    if tail:  # ranges: `Dataset.select` takes a contiguous range without an indices mapping
-        return range(n - n_val), range(n - n_val, n)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def held_out_mask(indices: np.ndarray, n: int, fraction: float, seed: int) -> np.ndarray:
+    """Whether each of ``indices`` (rows of ``n``) is held out: rows come in chunks of `HOLD_OUT_CHUNK`; chunk ``c``
+    holds out ``round(size * fraction)`` of its rows (chunk 0 at least one when ``fraction`` > 0), the first of a
+    permutation seeded with ``seed`` (chunk 0) or ``[seed, c]``. So a corpus of up to 10,000 rows holds out
+    ``round(n * fraction)`` rows of one seeded permutation, and a larger one the same share of every chunk, drawn
+    from one chunk at a time: memory per chunk, never per corpus (a permutation of 30M documents is 240 MB).
+    ``indices`` may be any batch, so `datasets.Dataset.filter` can split a memory-mapped corpus batch by batch."""
+    indices = np.asarray(indices, dtype=np.int64)
+    held = np.zeros(len(indices), dtype=bool)
+    if fraction <= 0:
+        return held
+    chunks = indices // HOLD_OUT_CHUNK
+    for c in np.unique(chunks):
+        size = min(HOLD_OUT_CHUNK, n - int(c) * HOLD_OUT_CHUNK)
+        k = round(size * fraction)
+        k = max(1, k) if c == 0 else k
+        positions = np.random.default_rng(seed if c == 0 else [seed, int(c)]).permutation(size)[:k]
+        here = chunks == c
+        held[here] = np.isin(indices[here] - int(c) * HOLD_OUT_CHUNK, positions)
+    return held
 
 
 def is_held_out(text: str, seed: int, fraction: float) -> bool:

@@ -209,6 +209,18 @@ def test_random_split_is_seeded_disjoint_and_in_corpus_order(tmp_path, twenty_do
     assert list(load_raw_datasets(a, seed=1)["validation"]["text"]) != val
 
 
+def test_random_split_of_a_large_corpus_is_the_chunked_rule(tmp_path):
+    # 25,000 one-line documents: three hold-out chunks; `filter` splits them batch by batch, no index list.
+    from lmkit.rows import hold_out_indices
+
+    lines = write(tmp_path / "lines.txt", "".join(f"d{i}\n" for i in range(25_000)))
+    a = args(tmp_path, train_files=[str(lines)], validation_split=0.05, split_mode="random", sample_by="line")
+    raw = load_raw_datasets(a, seed=5)
+    keep, held = hold_out_indices(25_000, 0.05, seed=5)
+    assert list(raw["validation"]["text"]) == [f"d{i}" for i in held]  # 1,250 documents, in corpus order
+    assert list(raw["train"]["text"]) == [f"d{i}" for i in keep]
+
+
 def test_too_few_documents_to_hold_out(tmp_path):
     one = write(tmp_path / "one.txt", "just one paragraph")
     with pytest.raises(LMKitError, match=r"--validation_split 0.05: the training data has only 1 document"):

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from lmkit.args import DataArguments
@@ -82,3 +83,24 @@ def test_is_held_out_is_a_seeded_hash_of_the_text():
     assert held == [2, 4, 7, 10, 15, 16]
     assert [i for i in range(20) if is_held_out(f"p{i}", seed=1, fraction=0.3)] != held
     assert not any(is_held_out(f"p{i}", seed=0, fraction=0.0) for i in range(20))
+
+
+def test_held_out_mask_draws_chunk_by_chunk_and_any_batching_agrees():
+    from lmkit.rows import HOLD_OUT_CHUNK, held_out_mask
+
+    n = 2 * HOLD_OUT_CHUNK + 5_000
+    whole = held_out_mask(np.arange(n), n, 0.05, seed=3)
+    assert whole.sum() == 500 + 500 + 250  # the same share of every chunk, the last one partial
+    for c, size in enumerate((HOLD_OUT_CHUNK, HOLD_OUT_CHUNK, 5_000)):
+        k = round(size * 0.05)
+        rng = np.random.default_rng(3 if c == 0 else [3, c])
+        expected = np.sort(rng.permutation(size)[:k]) + c * HOLD_OUT_CHUNK
+        assert (
+            np.flatnonzero(whole[c * HOLD_OUT_CHUNK : c * HOLD_OUT_CHUNK + size]).tolist()
+            == (expected - c * HOLD_OUT_CHUNK).tolist()
+        )
+    batches = [held_out_mask(np.arange(s, min(s + 777, n)), n, 0.05, seed=3) for s in range(0, n, 777)]
+    assert np.array_equal(np.concatenate(batches), whole)  # a `Dataset.filter` batch of any size agrees
+    train, validation = hold_out_indices(n, 0.05, seed=3)
+    assert np.array_equal(validation, np.flatnonzero(whole)) and len(train) + len(validation) == n
+    assert held_out_mask(np.arange(9), 9, 0.01, seed=0).sum() == 1  # chunk 0 holds out at least one row
