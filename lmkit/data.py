@@ -641,16 +641,35 @@ def tokenized_validation_split(source: str, n_sources: int) -> str:
 
 
 def load_tokenized_dataset(
-    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase | None = None
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    rows: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], PreTrainedTokenizerBase]:
-    """(splits "train" / "validation" of packed blocks, tokenizer) from ``--tokenized_dataset``, memory-mapped.
+    """(splits "train" / "validation", tokenizer) from ``--tokenized_dataset``, memory-mapped.
 
-    "validation" is as `build_mixture` gives it for a run on the raw text: one dataset, or for a mixture
-    ``{source name: its blocks}``. Without ``tokenizer`` (pretraining) the dataset's own tokenizer is loaded; with
-    one (fine-tuning: the model's) its hash must be the manifest's. No raw text is read and nothing is tokenized.
+    ``rows`` is what the recipe trains on, as the manifest names it: None for packed text blocks, "sft" for SFT
+    rows, "preference" for pairs (`lmkit.preprocess.preprocess_rows`); rows made with other ``settings``
+    (`lmkit.preprocess.row_settings`) are refused, naming the flag. "validation" is as a run on the raw data gives
+    it: one dataset (None when none was held out), or for a mixture ``{source name: its rows}``. Without
+    ``tokenizer`` (pretraining) the dataset's own tokenizer is loaded; with one (fine-tuning: the model's, its chat
+    markers added) its hash must be the manifest's. No raw data is read and nothing is tokenized.
     """
     directory = Path(data_args.tokenized_dataset)
     manifest = read_tokenized_manifest(directory)
+    if manifest.get("rows") != rows:
+        raise LMKitError(
+            f"--tokenized_dataset {directory}: holds {_ROWS[manifest.get('rows')]}; this recipe trains on "
+            f"{_ROWS[rows]} (preprocess with this recipe's flags)"
+        )
+    for key, wanted in (settings or {}).items():
+        made = manifest["settings"].get(key)
+        if made != wanted:
+            what = f"{'another chat template' if key == 'chat_template' else f'--{key} {made}'}"
+            raise LMKitError(
+                f"--tokenized_dataset {directory}: made with {what}, this run asks for "
+                f"{'its own' if key == 'chat_template' else wanted}; preprocess again with this run's flags"
+            )
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -662,16 +681,23 @@ def load_tokenized_dataset(
         )
     loaded = datasets.load_from_disk(str(directory))
     names = [source["name"] for source in manifest["sources"]]
-    validation = {name: loaded[tokenized_validation_split(name, len(names))] for name in names}
-    if data_args.max_eval_blocks is not None:
+    validation = {
+        name: loaded[split] for name in names if (split := tokenized_validation_split(name, len(names))) in loaded
+    }
+    if data_args.max_eval_blocks is not None and rows is None:
         validation = {name: _first_blocks(ds, data_args.max_eval_blocks) for name, ds in validation.items()}
-    out = {"train": loaded["train"], "validation": validation if len(names) > 1 else validation[names[0]]}
+    held = validation if len(names) > 1 else validation.get(names[0])
+    out = {"train": loaded["train"], "validation": held}
     logger.info(
-        "Tokenized dataset %s: blocks of %d tokens, %d train, %s validation",
-        directory, row_length(manifest["block_size"]), len(out["train"]),
-        ", ".join(f"{len(ds)} {name}" if len(names) > 1 else str(len(ds)) for name, ds in validation.items()),
+        "Tokenized dataset %s: %s, %d train, %s validation",
+        directory, f"blocks of {row_length(manifest['block_size'])} tokens" if rows is None else _ROWS[rows],
+        len(out["train"]),
+        ", ".join(f"{len(ds)} {name}" if len(names) > 1 else str(len(ds)) for name, ds in validation.items()) or "no",
     )  # fmt: skip
     return out, tokenizer
+
+
+_ROWS = {None: "packed text blocks", "sft": "SFT rows", "preference": "preference pairs"}  # manifest "rows"
 
 
 def _first_blocks(ds: Dataset, n: int) -> Dataset:

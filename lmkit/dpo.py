@@ -672,7 +672,8 @@ def add_reference_logps_to_splits(
     key: str,
     cache_dir: Path,
 ) -> dict[str, Dataset]:
-    """Every split of ``datasets`` with its reference log-probs (`add_reference_logps`), on ``args.device``.
+    """Every split of ``datasets`` (a split may be ``{source: pairs}``) with its reference log-probs
+    (`add_reference_logps`), on ``args.device``.
 
     Rank 0 scores and caches, the others then read the cache; under ZeRO-3 the sharded weights are gathered (a
     collective), so every rank scores at once (the full model must fit one device for this pass).
@@ -682,13 +683,14 @@ def add_reference_logps_to_splits(
     settings = {"batch_size": args.per_device_eval_batch_size, "bf16": bool(args.bf16)}
     ref_model.to(args.device)
     first = contextlib.nullcontext() if is_deepspeed_zero3_enabled() else args.main_process_first(local=False)
+
+    def score(split: str, data: Any) -> Any:  # a mixture's validation is {source: pairs}
+        if isinstance(data, dict):
+            return {name: score(f"{split}.{name}", part) for name, part in data.items()}
+        return add_reference_logps(data, ref_model, collator, key=key, cache_dir=cache_dir, split=split, **settings)
+
     with first, full_parameters(ref_model):
-        return {
-            split: add_reference_logps(
-                data, ref_model, collator, key=key, cache_dir=cache_dir, split=split, **settings
-            )
-            for split, data in datasets.items()
-        }
+        return {split: score(split, data) for split, data in datasets.items()}
 
 
 def check_reference_tokenizer(ref_tokenizer: PreTrainedTokenizerBase, tokenizer_vocab: dict[str, int], spec: str):

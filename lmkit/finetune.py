@@ -46,7 +46,7 @@ def default_sft_sampling(args: LMTrainingArguments, data_args: DataArguments, fm
     at the same losses, and beat padding-free packing, which on a CPU pays attention over the whole flattened row.
     Packed rows and text blocks all have one length and a stream has no lengths to group: those keep their order.
     """
-    one_length = packing or fmt == TEXT or data_args.tokenized_dataset is not None
+    one_length = packing or fmt == TEXT
     if "train_sampling_strategy" in explicit_fields(args) or one_length or data_args.streaming:
         return
     args.train_sampling_strategy = "group_by_length"

@@ -20,10 +20,12 @@ all: it is written to a staging folder beside it and renamed at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +47,28 @@ from lmkit.data import (
 from lmkit.errors import LMKitError
 from lmkit.mixture import Source, log_mix, mix_blocks, parse_sources, probabilities
 from lmkit.packing import row_length
+from lmkit.sft import CHAT, PROMPT_COMPLETION, TEXT
 from lmkit.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _SHARD_BYTES = 500 * 10**6  # save_to_disk's default largest shard
 # Manifest keys that describe the request: the same request on an existing folder is up to date.
-REQUEST_KEYS = ("format", "sources", "validation", "seed", "tokenizer", "vocab_size", "block_size", "sample_by")
+REQUEST_KEYS = (
+    "format", "rows", "settings", "sources", "validation", "seed", "tokenizer", "vocab_size", "block_size", "sample_by",
+)  # fmt: skip
+
+
+@dataclass
+class PreprocessArguments:
+    """recipes/preprocess.py's own flag: which recipe's data it writes."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "pretrain | finetune | dpo: whose data to write (default: told from the flags, as "
+                          "inspect_data does: a preference field means dpo, a fine-tuning one or "
+                          "--model_name_or_path finetune)"},
+    )  # fmt: skip
 
 
 def describe_request(data_args: DataArguments, vocab_size: int | None, seed: int) -> dict[str, Any]:
@@ -151,22 +168,78 @@ def preprocess(
         ],  # fmt: skip
         "lmkit_version": lmkit.__version__,
     }
+    workers = data_args.preprocessing_num_workers
+    shards = {split: _num_shards(len(ds), block_len, workers) for split, ds in blocks.items()}
+    for split, n in shards.items():
+        manifest["splits"][split]["shards"] = n
+    _write(out, blocks, tokenizer, manifest, shards)
+    return True, manifest
+
+
+def _write(out: Path, splits: DatasetDict, tokenizer: Any, manifest: dict[str, Any], shards: dict[str, int]) -> None:
+    """Write ``splits``, the tokenizer and the manifest to a staging folder beside ``out``, then put it in place."""
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        # One process copies the blocks: save_to_disk's num_proc starts a "spawn" pool whose workers import
+        # One process copies the rows: save_to_disk's num_proc starts a "spawn" pool whose workers import
         # everything again, seconds more than the copy itself. Still at least one shard per worker, for readers.
-        workers = data_args.preprocessing_num_workers
-        shards = {split: _num_shards(len(ds), block_len, workers) for split, ds in blocks.items()}
-        blocks.save_to_disk(str(staging), num_shards=shards)
+        splits.save_to_disk(str(staging), num_shards=shards)
         tokenizer.save_pretrained(str(staging / TOKENIZED_TOKENIZER))
-        for split, n in shards.items():
-            manifest["splits"][split]["shards"] = n
         (staging / TOKENIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _replace(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Tokenized dataset %s: %s", out, json.dumps(manifest["splits"]))
+
+
+def row_settings(tokenizer: Any, chat: bool, **flags: Any) -> dict[str, Any]:
+    """What else decides SFT rows or preference pairs beyond the tokenizer: whether they were rendered with a chat
+    template (and which: its hash), and the recipe's flags (``train_on_prompt`` and ``packing`` for SFT,
+    ``max_length`` for pairs). A manifest records it; a recipe loading the rows must ask for the same."""
+    template = tokenizer.chat_template if chat else None
+    digest = hashlib.blake2b(template.encode(), digest_size=16).hexdigest() if template else None
+    return {"chat": chat, "chat_template": digest, **flags}
+
+
+def sft_rows_format(manifest: dict[str, Any] | None, data_format: str) -> str:
+    """The SFT format of a run: ``data_format`` (`lmkit.sft.sft_format` of its files) without a tokenized dataset;
+    with one, "text" for packed blocks, else chat or prompt/completion as its manifest's settings say."""
+    if manifest is None:
+        return data_format
+    if manifest.get("rows") != "sft":
+        return TEXT
+    return CHAT if manifest["settings"]["chat"] else PROMPT_COMPLETION
+
+
+def preprocess_rows(
+    kind: str, data: Any, data_args: DataArguments, settings: dict[str, Any], output_dir: str | Path, *,
+    seed: int = 42, overwrite: bool = False,
+) -> tuple[bool, dict[str, Any]]:  # fmt: skip
+    """Write the SFT rows (``kind`` "sft") or preference pairs ("preference") of a `lmkit.recipe_data.RecipeData`
+    (``data``: exactly what recipes/finetune.py or dpo.py would train on) to ``output_dir``; (written, manifest).
+
+    The splits are "train" (a mixture's rows already mixed) and "validation" or, for a mixture, "validation.NAME"
+    per source; the manifest holds the request, the tokenizer hash and ``settings`` (`row_settings`). An
+    ``output_dir`` holding this request is left alone; anything else is refused unless ``overwrite``.
+    """
+    out = Path(output_dir)
+    request = {**describe_request(data_args, None, seed), "rows": kind, "settings": settings}
+    if _holds_request(out, request, overwrite):
+        return False, json.loads((out / TOKENIZED_MANIFEST).read_text(encoding="utf-8"))
+    _remove_dead_stagings(out)
+    names = [source["name"] for source in request["sources"]]
+    splits = DatasetDict(train=data.datasets["train"])
+    validation = data.datasets.get("validation")
+    held = validation if isinstance(validation, dict) else {names[0]: validation} if validation is not None else {}
+    for name, rows in held.items():
+        splits[tokenized_validation_split(name, len(names))] = rows
+    manifest = {
+        **request,
+        "tokenizer_hash": tokenizer_hash(data.tokenizer),
+        "splits": {split: {"rows": len(ds), "shards": 1} for split, ds in splits.items()},
+        "lmkit_version": lmkit.__version__,
+    }
+    _write(out, splits, data.tokenizer, manifest, dict.fromkeys(splits, 1))
     return True, manifest
 
 
@@ -187,7 +260,7 @@ def _holds_request(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
             existing = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             existing = {}
-        differ = [key for key in REQUEST_KEYS if existing.get(key) != request[key]]
+        differ = [key for key in REQUEST_KEYS if existing.get(key) != request.get(key)]
         if not differ:
             return True
         what = f"another tokenized dataset (its {', '.join(differ)} differ{'s' if len(differ) == 1 else ''})"

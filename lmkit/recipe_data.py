@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Any
 
@@ -24,6 +24,7 @@ from lmkit.args import (
     check_block_size,
     explicit_fields,
     fit_length,
+    load_yaml_config,
 )
 from lmkit.collator import CausalLMCollator
 from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, source_texts, use_tokenized_dataset
@@ -39,10 +40,36 @@ from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
 from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer
 from lmkit.finetune_args import FinetuneArguments
+from lmkit.preprocess import row_settings, sft_rows_format
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 from lmkit.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
+
+GROUPS = {  # each recipe's argument groups (lmkit.inspect.RECIPES names them)
+    "pretrain": (ModelArguments, DataArguments, LMTrainingArguments),
+    "finetune": (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments),
+    "dpo": (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments),
+}
+
+
+def which_recipe(argv: list[str]) -> str:
+    """``--recipe`` if given; else dpo when a preference field is set (flags or --config), finetune when a
+    fine-tuning field or --model_name_or_path is, else pretrain."""
+    given = {}  # flag -> value, as argparse reads "--flag value" and "--flag=value"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            given[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    config = load_yaml_config(given["config"]) if given.get("config") else {}  # parse_args reads "--config FILE"
+    if given.get("recipe") or config.get("recipe"):
+        return given.get("recipe") or config["recipe"]
+    keys = set(given) | set(config)
+    if keys & {f.name for f in fields(PreferenceArguments)}:
+        return "dpo"
+    if keys & ({f.name for f in fields(FinetuneArguments)} | {"model_name_or_path"}):
+        return "finetune"
+    return "pretrain"
 
 
 @dataclass
@@ -56,6 +83,7 @@ class RecipeData:
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     preference: bool = False
     eos_separates: bool = True
+    chat: bool = False  # rows rendered with the chat template
 
 
 def pretrain_data(
@@ -101,26 +129,31 @@ def finetune_data(
 ) -> RecipeData:
     """recipes/finetune.py's data: raw text as packed blocks, or prompt/completion and chat rows with their loss
     masks (packed with ``--packing``), and the collator (padding streamed unpacked rows to ``--block_size``).
-    ``--tokenized_dataset``: its blocks, which must come from the model's tokenizer."""
-    use_tokenized_dataset(data_args, explicit_fields(data_args))
+    ``--tokenized_dataset``: its blocks or SFT rows, which must come from the model's tokenizer."""
+    tokenized = use_tokenized_dataset(data_args, explicit_fields(data_args))
     spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     check_block_size(data_args, args, max_positions, "the model's max_position_embeddings")
-    fmt = sft_format(data_args)
+    fmt = sft_rows_format(tokenized, sft_format(data_args))
     new_special: list[str] = []
     if fmt == CHAT:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
-    if data_args.tokenized_dataset is not None:
-        datasets, _ = load_tokenized_dataset(data_args, tokenizer)
-        return RecipeData(tokenizer, datasets, CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
+    if tokenized is not None:
+        rows = tokenized.get("rows")
+        settings = row_settings(
+            tokenizer, fmt == CHAT, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing
+        )
+        datasets, _ = load_tokenized_dataset(data_args, tokenizer, rows=rows, settings=settings if rows else None)
+        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+        return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
     datasets = build_finetune_datasets(
         data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
         main_process_first=args.main_process_first,
     )  # fmt: skip
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
-    return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT)
+    return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
 
 
 def dpo_data(
@@ -139,11 +172,12 @@ def dpo_data(
                "the model's max_position_embeddings")  # fmt: skip
     rows = load_preference_sources(data_args, seed=args.seed)
     new_special: list[str] = []
-    if any(is_conversational(splits["train"]) for splits in rows.values()):
+    chat = any(is_conversational(splits["train"]) for splits in rows.values())
+    if chat:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
     settings = {"cache_dir": cache_root(data_args), "num_proc": data_args.preprocessing_num_workers}
     datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
     datasets = mix_preference_sources(datasets, data_args, args.seed)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
-    return RecipeData(tokenizer, datasets, collator, preference=True)
+    return RecipeData(tokenizer, datasets, collator, preference=True, chat=bool(new_special) or chat)

@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, fit_length, parse_args
+from lmkit.data import load_tokenized_dataset, read_tokenized_manifest
 from lmkit.dpo import (
     PreferenceCollator,
     PreferenceTrainer,
@@ -49,6 +50,7 @@ from lmkit.finetune import (
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
+from lmkit.preprocess import row_settings
 from lmkit.runtime import model_size, prepare_run, train_and_save
 from lmkit.sft import resolve_chat_template
 
@@ -61,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- setup ------------------------------------------------------------------------------------------------
     groups = (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments)
     model_args, data_args, ft_args, pref_args, args = parse_args(groups, argv, DEFAULT_DPO_CONFIG)
-    if data_args.tokenized_dataset is not None:
-        raise LMKitError("--tokenized_dataset holds packed text blocks; preference tuning reads pairs (--train_files)")
+    tokenized = read_tokenized_manifest(data_args.tokenized_dataset) if data_args.tokenized_dataset else None
     if ft_args.train_on_prompt:
         raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
     if ft_args.load_in_4bit:
@@ -79,9 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
     tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
     saved_vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < n_saved}
-    rows = load_preference_sources(data_args, seed=args.seed)  # {source: {"train", "validation"}}; --datasets: several
+    if tokenized is None:  # {source: {"train", "validation"}}; --datasets: several
+        rows = load_preference_sources(data_args, seed=args.seed)
+        chat = any(is_conversational(splits["train"]) for splits in rows.values())
+    else:  # recipes/preprocess.py's pairs: rendered with a chat template if its manifest says so
+        chat = bool(tokenized.get("settings", {}).get("chat"))
     new_special: list[str] = []
-    if any(is_conversational(splits["train"]) for splits in rows.values()):
+    if chat:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -99,8 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, new_ids = build(spec, tokenizer, chat=bool(new_special))
     cache_dir = cache_root(data_args)
     settings = {"cache_dir": cache_dir, "num_proc": data_args.preprocessing_num_workers}
-    with args.main_process_first():  # rank 0 tokenizes into the cache, the others then read it
-        datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
+    if tokenized is None:
+        with args.main_process_first():  # rank 0 tokenizes into the cache, the others then read it
+            datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
+    else:  # one source: the pairs as preprocess wrote them, a mixture's already mixed
+        pairs, _ = load_tokenized_dataset(
+            data_args, tokenizer, rows="preference",
+            settings=row_settings(tokenizer, chat, max_length=pref_args.max_length),
+        )  # fmt: skip
+        datasets = {"tokenized": {split: d for split, d in pairs.items() if d is not None}}
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
 
     # -- reference log-probs: one pass, cached; then only the policy stays in memory -----------------------------
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         }
         del ref_model
         gc.collect()
-    datasets = mix_preference_sources(datasets, data_args, args.seed)  # one source: its splits as they are
+    # one source: its splits as they are
+    datasets = datasets["tokenized"] if tokenized else mix_preference_sources(datasets, data_args, args.seed)
 
     if "validation" not in datasets:
         fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")

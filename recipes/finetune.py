@@ -49,6 +49,7 @@ from lmkit.finetune import (
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
+from lmkit.preprocess import row_settings, sft_rows_format
 from lmkit.runtime import model_size, prepare_run, train_and_save
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, ft_args, args = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments), argv, DEFAULT_SFT_CONFIG
     )
-    use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
+    tokenized = use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
     spec, model_config = load_starting_point(model_args)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     checks = partial(check_block_size, data_args, args, max_positions, "the model's max_position_embeddings")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- tokenizer and data -----------------------------------------------------------------------------------
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer
     tokenizer, n_saved = load_tokenizer(tokenizer_spec, model_args.trust_remote_code)
-    fmt = sft_format(data_args)
+    fmt = sft_rows_format(tokenized, sft_format(data_args))
     new_special: list[str] = []
     if fmt == CHAT:
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
@@ -99,8 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- data -------------------------------------------------------------------------------------------------
     main_first = partial(main_process_first, args)
-    if data_args.tokenized_dataset is not None:  # recipes/preprocess.py's blocks, made with this model's tokenizer
-        datasets, _ = load_tokenized_dataset(data_args, tokenizer)
+    if tokenized is not None:  # recipes/preprocess.py's blocks or SFT rows, made with this model's tokenizer
+        rows = tokenized.get("rows")
+        settings = row_settings(
+            tokenizer, fmt == CHAT, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing
+        )
+        datasets, _ = load_tokenized_dataset(data_args, tokenizer, rows=rows, settings=settings if rows else None)
     else:  # raw text continues pretraining (packed blocks); SFT rows carry loss masks. --datasets: mixed by weight
         datasets = build_finetune_datasets(
             data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing,

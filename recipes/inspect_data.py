@@ -20,25 +20,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from dataclasses import fields
 from itertools import islice
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, load_yaml_config, parse_args
-from lmkit.dpo_args import PreferenceArguments
+from lmkit.args import parse_args
 from lmkit.errors import LMKitError, main_entry
-from lmkit.finetune_args import FinetuneArguments
 from lmkit.inspect import InspectArguments, pair_views, render_pairs, render_rows, row_views
-from lmkit.recipe_data import dpo_data, finetune_data, pretrain_data
+from lmkit.recipe_data import GROUPS, dpo_data, finetune_data, pretrain_data, which_recipe
 
 RECIPES = Path(__file__).resolve().parent
-GROUPS = {  # each recipe's argument groups (lmkit.inspect.RECIPES names them)
-    "pretrain": (ModelArguments, DataArguments, LMTrainingArguments),
-    "finetune": (ModelArguments, DataArguments, FinetuneArguments, LMTrainingArguments),
-    "dpo": (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments),
-}
 
 
 def _recipe(name: str) -> ModuleType:
@@ -47,25 +39,6 @@ def _recipe(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def which_recipe(argv: list[str]) -> str:
-    """``--recipe`` if given; else dpo when a preference field is set (flags or --config), finetune when a
-    fine-tuning field or --model_name_or_path is, else pretrain."""
-    given = {}  # flag -> value, as argparse reads "--flag value" and "--flag=value"
-    for i, arg in enumerate(argv):
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            given[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-    config = load_yaml_config(given["config"]) if given.get("config") else {}  # parse_args reads "--config FILE"
-    if given.get("recipe") or config.get("recipe"):
-        return given.get("recipe") or config["recipe"]
-    keys = set(given) | set(config)
-    if keys & {f.name for f in fields(PreferenceArguments)}:
-        return "dpo"
-    if keys & ({f.name for f in fields(FinetuneArguments)} | {"model_name_or_path"}):
-        return "finetune"
-    return "pretrain"
 
 
 def first_rows(dataset: Any, n: int) -> list[dict[str, Any]]:

@@ -252,3 +252,83 @@ def test_a_preprocessed_mixture_trains_on_the_blocks_of_the_raw_text_mixture(tmp
     evals = {k: v for k, v in on_text.items() if k.startswith("eval_") and k.endswith("_loss")}
     assert set(evals) == {"eval_loss", "eval_books_loss", "eval_code_loss"}
     assert {k: on_tokens[k] for k in evals} == evals
+
+
+# -- SFT rows and preference pairs: preprocess with the recipe's flags, train on them as on the files ----------------
+
+RUN = ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true", "--max_steps", "3",
+       "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+       "--validation_split", "0.2", "--seed", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from _tiny_checkpoint import make_checkpoint
+
+    path = tmp_path_factory.mktemp("pre-rows") / "base"
+    make_checkpoint(path, run_files=False)
+    return path
+
+
+def _losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["finetune", "dpo"])
+def test_rows_preprocessed_once_train_as_the_files_do(tmp_path, base, recipe):
+    words = ["abc", "bad", "cafe", "dge", "fed", "gab", "ace", "bead", "cab", "deaf"] * 3
+    if recipe == "finetune":  # chat rows: the template's markers are added to the tokenizer first
+        rows = [{"messages": [{"role": "user", "content": f"r {w}"}, {"role": "assistant", "content": w[::-1]}]}
+                for w in words]  # fmt: skip
+        flags = ["--config", str(REPO / "recipes" / "configs" / "sft-full.yaml"), "--block_size", "48"]
+    else:
+        rows = [{"prompt": f"r {w}\n", "chosen": w[::-1], "rejected": w} for w in words]
+        flags = ["--config", str(REPO / "recipes" / "configs" / "dpo.yaml"), "--max_length", "48"]
+    data = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = [*flags, "--model_name_or_path", str(base), "--cache_dir", str(tmp_path / "cache"), *RUN]
+    manifest = runpy.run_path(str(REPO / "recipes" / "preprocess.py"))["main"](
+        [*common, "--train_files", str(data), "--output_dir", str(tmp_path / "tok")]
+    )
+    kind = "sft" if recipe == "finetune" else "preference"
+    assert manifest["rows"] == kind and manifest["splits"]["train"]["rows"] == 24  # 30 rows, 6 held out
+    assert manifest["splits"]["validation"]["rows"] == 6
+    main = runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"))["main"]
+    main([*common, "--train_files", str(data), "--output_dir", str(tmp_path / "from-files")])
+    main([*common, "--tokenized_dataset", str(tmp_path / "tok"), "--output_dir", str(tmp_path / "from-tokens")])
+    files, tokens = _losses(tmp_path / "from-files"), _losses(tmp_path / "from-tokens")
+    assert len(files) == 3 and tokens == files  # the same rows, the same order: the same losses, bit for bit
+
+
+def test_rows_made_with_other_settings_or_for_another_recipe_are_one_line(tmp_path, base, capsys):
+    rows = [{"prompt": f"q{w}:", "completion": w} for w in "abcdefgh" * 3]
+    data = _write_jsonl(tmp_path / "pc.jsonl", rows)
+    common = ["--config", str(REPO / "recipes" / "configs" / "sft-full.yaml"), "--model_name_or_path", str(base),
+              "--block_size", "32", "--cache_dir", str(tmp_path / "cache"), *RUN]  # fmt: skip
+    runpy.run_path(str(REPO / "recipes" / "preprocess.py"))["main"](
+        [*common, "--train_files", str(data), "--output_dir", str(tmp_path / "tok")]
+    )
+    tok = tmp_path / "tok"
+    finetune = runpy.run_path(str(REPO / "recipes" / "finetune.py"))["main"]
+    dpo = runpy.run_path(str(REPO / "recipes" / "dpo.py"))["main"]
+    dpo_flags = ["--config", str(REPO / "recipes" / "configs" / "dpo.yaml"), "--model_name_or_path", str(base), *RUN]
+    cases = [
+        (finetune, [*common, "--packing", "true"],
+         f"--tokenized_dataset {tok}: made with --packing False, this run asks for True; preprocess again with this "
+         "run's flags"),
+        (dpo, dpo_flags,
+         f"--tokenized_dataset {tok}: holds SFT rows; this recipe trains on preference pairs (preprocess with this "
+         "recipe's flags)"),
+    ]  # fmt: skip
+    for i, (main, flags, message) in enumerate(cases):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([*flags, "--tokenized_dataset", str(tok), "--output_dir", str(tmp_path / f"o{i}")])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"lmkit: error: {message}"
+        assert not (tmp_path / f"o{i}" / "model.safetensors").exists()
