@@ -124,6 +124,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     assert f"took over a stale lock (pid {holder.pid} " in caplog.text
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 def test_second_launch_on_a_running_output_dir_is_refused_and_the_first_goes_on(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)

@@ -46,7 +46,11 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+@pytest.mark.parametrize(
+    "streaming",  # map-style: -m long (default suite <= 15 min on 2 cores); test_mixture.py resumes it in-process
+    [pytest.param(False, marks=pytest.mark.long), True],
+    ids=["map-style", "streaming"],
+)
 def test_kill9_then_auto_resume_matches_uninterrupted(corpora, tmp_path, streaming):
     ref = tmp_path / "ref"
     done = subprocess.run(command(corpora, ref, streaming), env=ENV, capture_output=True, text=True, timeout=300)

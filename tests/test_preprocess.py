@@ -37,6 +37,7 @@ from lmkit.tokenizer import build_tokenizer
 CORPUS = (REPO / "lmkit" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000]
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long` (see README)
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_main_process_tokenizes_longer_than_the_ddp_timeout(tmp_path):
