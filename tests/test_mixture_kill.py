@@ -45,12 +45,9 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
     return {"books": books, "code": code}
 
 
+@pytest.mark.long  # default suite <= 15 min on 2 cores: run with `pytest -m long`; test_mixture.py resumes in-process
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "streaming",  # map-style: -m long (default suite <= 15 min on 2 cores); test_mixture.py resumes it in-process
-    [pytest.param(False, marks=pytest.mark.long), True],
-    ids=["map-style", "streaming"],
-)
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
 def test_kill9_then_auto_resume_matches_uninterrupted(corpora, tmp_path, streaming):
     ref = tmp_path / "ref"
     done = subprocess.run(command(corpora, ref, streaming), env=ENV, capture_output=True, text=True, timeout=300)
