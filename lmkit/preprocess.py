@@ -39,6 +39,7 @@ from lmkit.data import (
     TOKENIZED_TOKENIZER,
     build_lm_datasets,
     load_sources,
+    load_tokenized_dataset,
     resolve_data_files,
     source_texts,
     tokenized_validation_split,
@@ -209,6 +210,17 @@ def sft_rows_format(manifest: dict[str, Any] | None, data_format: str) -> str:
     if manifest.get("rows") != "sft":
         return TEXT
     return CHAT if manifest["settings"]["chat"] else PROMPT_COMPLETION
+
+
+def load_tokenized_finetune(
+    data_args: DataArguments, tokenizer: Any, manifest: dict[str, Any], fmt: str, ft_args: Any
+) -> dict[str, Any]:
+    """recipes/finetune.py's splits from ``--tokenized_dataset`` (its ``manifest``): packed blocks, or SFT rows made
+    with this run's chat template, ``--train_on_prompt`` and ``--packing`` (``fmt``: `sft_rows_format`)."""
+    rows = manifest.get("rows")
+    settings = row_settings(tokenizer, fmt == CHAT, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing)
+    datasets, _ = load_tokenized_dataset(data_args, tokenizer, rows=rows, settings=settings if rows else None)
+    return datasets
 
 
 def preprocess_rows(

@@ -40,7 +40,7 @@ from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
 from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer
 from lmkit.finetune_args import FinetuneArguments
-from lmkit.preprocess import row_settings, sft_rows_format
+from lmkit.preprocess import load_tokenized_finetune, sft_rows_format
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 from lmkit.tokenizer import build_tokenizer
 
@@ -140,11 +140,7 @@ def finetune_data(
         tokenizer.chat_template, new_special = resolve_chat_template(ft_args.chat_template, tokenizer)
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
     if tokenized is not None:
-        rows = tokenized.get("rows")
-        settings = row_settings(
-            tokenizer, fmt == CHAT, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing
-        )
-        datasets, _ = load_tokenized_dataset(data_args, tokenizer, rows=rows, settings=settings if rows else None)
+        datasets = load_tokenized_finetune(data_args, tokenizer, tokenized, fmt, ft_args)
         collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
         return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
     datasets = build_finetune_datasets(

@@ -35,7 +35,7 @@ from lmkit.args import (
     parse_args,
 )
 from lmkit.collator import CausalLMCollator
-from lmkit.data import load_tokenized_dataset, use_tokenized_dataset
+from lmkit.data import use_tokenized_dataset
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.finetune import (
@@ -49,7 +49,7 @@ from lmkit.finetune import (
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
-from lmkit.preprocess import row_settings, sft_rows_format
+from lmkit.preprocess import load_tokenized_finetune, sft_rows_format
 from lmkit.runtime import model_size, prepare_run, train_and_save
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
 
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- data -------------------------------------------------------------------------------------------------
     main_first = partial(main_process_first, args)
     if tokenized is not None:  # recipes/preprocess.py's blocks or SFT rows, made with this model's tokenizer
-        rows = tokenized.get("rows")
-        settings = row_settings(
-            tokenizer, fmt == CHAT, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing
-        )
-        datasets, _ = load_tokenized_dataset(data_args, tokenizer, rows=rows, settings=settings if rows else None)
+        datasets = load_tokenized_finetune(data_args, tokenizer, tokenized, fmt, ft_args)
     else:  # raw text continues pretraining (packed blocks); SFT rows carry loss masks. --datasets: mixed by weight
         datasets = build_finetune_datasets(
             data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing,
