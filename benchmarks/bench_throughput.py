@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -48,7 +47,7 @@ LEVERS = {
 def lmkit_defaults(args: argparse.Namespace) -> dict:
     return {
         "bf16": args.dtype == "bf16",
-        "torch_compile": args.compile,
+        "torch_compile": True if args.compile else "auto",  # auto: decided for the run's planned length
         "optim": "adamw_torch_fused",
         "attn": "auto",  # eager for compiled CPU runs of <= 256 tokens, else sdpa (lmkit.perf)
         "loss_chunk_size": None,  # auto: 2**25 logits per chunk
@@ -79,7 +78,7 @@ def child(spec: dict) -> dict:
     from lmkit import LMConfig, LMForCausalLM
     from lmkit.args import LMTrainingArguments
     from lmkit.collator import CausalLMCollator
-    from lmkit.perf import resolve_attn_implementation, training_flops_per_token
+    from lmkit.perf import resolve_attn_implementation, resolve_torch_compile, training_flops_per_token
     from lmkit.runtime import configure_allocator, num_parameters
     from lmkit.trainer import LMTrainer
 
@@ -89,22 +88,34 @@ def child(spec: dict) -> dict:
     kind, opts = spec["kind"], spec["opts"]
     torch.manual_seed(0)
 
+    def training_args(args_cls: type, **extra) -> TrainingArguments:
+        return args_cls(
+            output_dir=out_dir, per_device_train_batch_size=B, max_steps=spec["steps"], learning_rate=3e-4,
+            lr_scheduler_type="constant", warmup_steps=0, logging_steps=spec["steps"], save_strategy="no",
+            eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
+            dataloader_drop_last=True, seed=0, **extra,
+        )  # fmt: skip
+
+    out_dir = tempfile.mkdtemp(prefix="lmkit-bench-")
+    decision = None
     if kind == "lmkit":
+        args_cls, trainer_cls = LMTrainingArguments, LMTrainer
+        extra = {"optim": opts["optim"], "bf16": opts["bf16"], "torch_compile": opts["torch_compile"],
+                 "cpu_allocator_reuse": opts["cpu_allocator_reuse"]}  # fmt: skip
+        extra["peak_flops"] = spec["peak"][spec["dtype"] if opts["bf16"] else "fp32"]
+        run_args = training_args(args_cls, **extra)
+        # What the recipe decides for a run of spec["planned"] micro-batches (this one times only spec["steps"])
+        decision = resolve_torch_compile(run_args, spec.get("planned", spec["steps"]))
         config = LMConfig(
             vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, max_position_embeddings=T,
             loss_chunk_size=opts["loss_chunk_size"],
         )  # fmt: skip
-        on_cpu = SimpleNamespace(torch_compile=opts["torch_compile"], use_cpu=spec["device"] == "cpu")
-        config._attn_implementation = resolve_attn_implementation(opts["attn"], on_cpu, T)
+        config._attn_implementation = resolve_attn_implementation(opts["attn"], run_args, T)
         model = LMForCausalLM(config)
         n_rows = len(tokens) // (T + 1)
         rows = tokens[: n_rows * (T + 1)].reshape(n_rows, T + 1)  # the collator shifts: T inputs, T targets
         data = Dataset.from_dict({"input_ids": rows.tolist()})
         collator = CausalLMCollator(pad_token_id=V - 1)
-        args_cls, trainer_cls = LMTrainingArguments, LMTrainer
-        extra = {"optim": opts["optim"], "bf16": opts["bf16"], "torch_compile": opts["torch_compile"],
-                 "cpu_allocator_reuse": opts["cpu_allocator_reuse"]}  # fmt: skip
-        extra["peak_flops"] = spec["peak"][spec["dtype"] if opts["bf16"] else "fp32"]
     else:
         if kind == "gpt2":
             # GPT-2's 4x GELU MLP (8 h^2) matches SwiGLU's 3 x h x 8/3 h; no dropout, as in lmkit.
@@ -125,15 +136,18 @@ def child(spec: dict) -> dict:
         data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
         collator = default_data_collator
         args_cls, trainer_cls = TrainingArguments, Trainer
-        extra = {"bf16": spec["dtype"] == "bf16"}  # stock defaults otherwise (optim adamw_torch_fused, sdpa)
+        # stock defaults otherwise (optim adamw_torch_fused, sdpa)
+        run_args = training_args(args_cls, bf16=spec["dtype"] == "bf16")
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
-            self.t0, self.t1, self.logs = None, None, {}
+            self.first, self.t0, self.t1, self.logs = None, None, None, {}
 
         def on_step_end(self, args, state, control, **kwargs):
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
+            if state.global_step == 1:
+                self.first = time.perf_counter()  # the first step, compile included
             if state.global_step == spec["warmup"]:
                 self.t0 = time.perf_counter()
             self.t1 = time.perf_counter()
@@ -142,18 +156,10 @@ def child(spec: dict) -> dict:
             self.logs.update(logs or {})
 
     clock = Clock()
-    out_dir = tempfile.mkdtemp(prefix="lmkit-bench-")
-    training_args = args_cls(
-        output_dir=out_dir, per_device_train_batch_size=B, max_steps=spec["steps"], learning_rate=3e-4,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=spec["steps"], save_strategy="no",
-        eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
-        dataloader_drop_last=True, seed=0, **extra,
-    )  # fmt: skip
     if trainer_cls is LMTrainer:
-        configure_allocator(training_args)  # what lmkit's recipes do in their set-up step (prepare_run)
-    trainer = trainer_cls(
-        model=model, args=training_args, train_dataset=data, data_collator=collator, callbacks=[clock]
-    )
+        configure_allocator(run_args)  # what lmkit's recipes do in their set-up step (prepare_run)
+    trainer = trainer_cls(model=model, args=run_args, train_dataset=data, data_collator=collator, callbacks=[clock])
+    start = time.perf_counter()
     trainer.train()
     timed_steps = spec["steps"] - spec["warmup"]
     tok_s = timed_steps * B * T / (clock.t1 - clock.t0)
@@ -164,6 +170,8 @@ def child(spec: dict) -> dict:
         "logged_mfu": clock.logs.get("mfu"),
         "data_wait_fraction": clock.logs.get("data_wait_fraction"),
         "loss": clock.logs.get("train_loss"),
+        "compile": decision,
+        "first_step_s": clock.first - start,
     }
 
 
@@ -225,6 +233,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--planned_steps", type=int, default=2000,
+        help="the run length `--torch_compile auto` decides for in the 'lmkit, defaults' row (the 'short' row plans "
+        "--steps); only --steps are run",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -243,9 +256,12 @@ def main() -> None:
     }  # fmt: skip
     runs: dict[str, dict] = {}
     if not args.only_levers:
-        runs["lmkit"] = {"kind": "lmkit", "opts": lmkit_defaults(args)}
-        if args.compile:  # the same defaults without compile, for the runs too short to pay for it
+        if args.compile:
+            runs["lmkit, compile"] = {"kind": "lmkit", "opts": lmkit_defaults(args)}
             runs["lmkit, no compile"] = {"kind": "lmkit", "opts": {**lmkit_defaults(args), "torch_compile": False}}
+        else:  # what `--torch_compile auto` decides for a long run, and for one as short as the timed steps
+            runs["lmkit, defaults"] = {"kind": "lmkit", "opts": lmkit_defaults(args), "planned": args.planned_steps}
+            runs["lmkit, defaults, short"] = {"kind": "lmkit", "opts": lmkit_defaults(args)}
         runs["Llama (transformers)"] = {"kind": "llama", "opts": {}}
         runs["GPT-2 (transformers)"] = {"kind": "gpt2", "opts": {}}
     if args.levers or args.only_levers:
@@ -296,6 +312,10 @@ def main() -> None:
             f"{vs_llama:>8} | {vs_plain:>8} | {mfu:>6.1%} | {wait:>9} |"
         )
     print("MFU: model FLOPs (6N + 12 L d T per token) over the matmul peak measured for the run's dtype")
+    for name, run in runs.items():
+        if run["kind"] == "lmkit":
+            first = statistics.median(r["first_step_s"] for r in results[name])
+            print(f"{name}: {results[name][0]['compile']}; first step {first:.1f} s (median)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from lmkit.errors import LMKitError
 from lmkit.mixture import parse_sources
+from lmkit.perf import have_cpp_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,14 @@ class LMTrainingArguments(TrainingArguments):
             "with AMX), off elsewhere (AVX512-BF16 alone runs bf16 matmuls slower than fp32)."
         },
     )
+    torch_compile: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the model (inductor). Unset (auto): pretraining turns it on where its compile "
+            "pays back, a single-process CPU run with a C++ compiler that plans at least "
+            "lmkit.perf.CPU_COMPILE_MIN_MICRO_BATCHES micro-batches; off elsewhere and in the other recipes."
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
     eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N optimizer steps."})
@@ -312,8 +321,13 @@ class LMTrainingArguments(TrainingArguments):
             self.use_cpu = True  # a laptop without an accelerator: bf16 autocast then runs on the CPU
         if self.bf16 == "auto":
             self.bf16 = not self.fp16 and native_bf16(cpu=self.use_cpu)
+        # "auto" is decided by the recipe once it knows how long the run is (lmkit.perf.resolve_torch_compile);
+        # until then it is off, which is also what every recipe that does not decide it keeps.
+        self.torch_compile_auto = self.torch_compile == "auto"
+        if self.torch_compile_auto:
+            self.torch_compile = False
         # A toolchain check of an explicit --torch_compile, not a hardware default: fail before anything is built.
-        if self.torch_compile and self.use_cpu and not _have_cpp_compiler():
+        if self.torch_compile and self.use_cpu and not have_cpp_compiler():
             raise LMKitError(
                 "--torch_compile on a CPU needs a C++ compiler for its kernels (g++ or clang++, or set $CXX): install "
                 "one or pass --torch_compile false"
@@ -326,16 +340,6 @@ class LMTrainingArguments(TrainingArguments):
 
 def _bool_or_auto(value: str) -> bool | str:
     return "auto" if value == "auto" else string_to_bool(value)
-
-
-def _have_cpp_compiler() -> bool:
-    from torch._inductor.cpp_builder import get_cpp_compiler  # what inductor itself will look for
-
-    try:
-        get_cpp_compiler()
-    except Exception:  # InvalidCxxCompiler, or a failing compiler probe
-        return False
-    return True
 
 
 def native_bf16(cpu: bool) -> bool:
@@ -359,7 +363,7 @@ class _Parser(HfArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for action in self._actions:
-            if action.dest == "bf16" and isinstance(action.default, str):
+            if action.dest in ("bf16", "torch_compile") and isinstance(action.default, str):
                 # argparse runs string defaults through `type`, and HfArgumentParser's bool parser rejects "auto"
                 action.type = _bool_or_auto
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -63,6 +64,70 @@ def resolve_attn_implementation(requested: str, args: Any, seq_len: int) -> str:
     if args.torch_compile and args.use_cpu and seq_len <= CPU_COMPILED_EAGER_ATTENTION_MAX_SEQ:
         return "eager"
     return "sdpa"
+
+
+# `--torch_compile auto`. On a CPU a compile costs ~60-120 s with an empty inductor cache and 8-17 s with a warm
+# one, and buys 1.3-1.9x per step at the benchmarks' shapes (benchmarks/README.md: `bench_compile.py --break_even`
+# put the cold-cache break-even of the tiny preset, the smallest steps lmkit ships, at 648-1,085 micro-batches;
+# larger models take longer per step, so fewer). Below this many planned micro-batches a run stays eager.
+CPU_COMPILE_MIN_MICRO_BATCHES = 1000
+
+
+def have_cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (g++, clang++ or $CXX)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler  # what inductor itself will look for
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or a failing compiler probe
+        return False
+    return True
+
+
+def planned_micro_batches(args: Any, train_dataset: Any) -> int | None:
+    """Forward/backward passes one process plans: ``--max_steps`` x accumulation, else the epochs over a map-style
+    dataset (the Trainer's own count, up to its rounding). None when unknown (a stream without --max_steps)."""
+    if args.max_steps > 0:
+        return args.max_steps * args.gradient_accumulation_steps
+    if not hasattr(train_dataset, "__len__"):
+        return None
+    per_epoch = -(-len(train_dataset) // (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(per_epoch * args.num_train_epochs)  # the Trainer's max_steps rounds up too
+
+
+def _auto_compile_blocker(args: Any, planned: int | None) -> str | None:
+    if not args.use_cpu:
+        return "not measured on GPUs yet (benchmarks/gpu_check.sh); pass --torch_compile true"
+    if args.world_size > 1 or args.deepspeed:
+        return "multi-process CPU runs are not measured with compile; pass --torch_compile true"
+    if args.gradient_checkpointing:
+        return "--gradient_checkpointing"
+    if args.bf16 and not torch.cpu._is_amx_tile_supported():
+        # Compiled bf16 on an AVX512-BF16 CPU without AMX gave NaN gradients where eager's were finite.
+        return "bf16 on a CPU without AMX"
+    if planned is None or planned < CPU_COMPILE_MIN_MICRO_BATCHES:
+        return f"{planned or 'an unknown number of'} planned micro-batches, under {CPU_COMPILE_MIN_MICRO_BATCHES:,}"
+    if not have_cpp_compiler():
+        return "no C++ compiler for inductor's kernels"
+    return None
+
+
+def resolve_torch_compile(args: Any, planned: int | None) -> str:
+    """Decide ``--torch_compile auto`` for a run of ``planned`` micro-batches (see `CPU_COMPILE_MIN_MICRO_BATCHES`),
+    setting ``args.torch_compile`` (and inductor as the backend, as TrainingArguments does for an explicit flag).
+    Call it before the model is built: ``--attn_implementation auto`` follows it. Returns the decision and its
+    reason, for the log. The threshold assumes an empty compile cache; inductor's on-disk FX-graph and AOTAutograd
+    caches (on by default, in $TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_$USER) make a later run of the same
+    shapes compile in 8-17 s instead."""
+    if getattr(args, "torch_compile_auto", False):
+        blocker = _auto_compile_blocker(args, planned)
+        args.torch_compile = blocker is None
+        if args.torch_compile and args.torch_compile_backend is None:
+            args.torch_compile_backend = "inductor"
+        reason = f"auto: {blocker or f'{planned:,} planned micro-batches pay back its compile'}"
+    else:
+        reason = "as given"
+    return f"torch.compile {'on' if args.torch_compile else 'off'} ({reason})"
 
 
 def dtype_key(dtype: torch.dtype) -> str:

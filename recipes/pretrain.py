@@ -31,7 +31,7 @@ from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, sour
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.generation import sample_saved_model
-from lmkit.perf import resolve_attn_implementation
+from lmkit.perf import planned_micro_batches, resolve_attn_implementation, resolve_torch_compile
 from lmkit.runtime import model_size, prepare_run, tokens_per_step, train_and_save
 from lmkit.tokenizer import build_tokenizer, model_vocab_size
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vocab_size = model_vocab_size(tokenizer, model_args.vocab_size, data_args.tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
+    logger.info(resolve_torch_compile(args, planned_micro_batches(args, datasets["train"])))  # auto: the run's length
     config = LMConfig(
         **model_args.config_kwargs(),
         vocab_size=vocab_size,

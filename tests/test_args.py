@@ -126,6 +126,18 @@ def test_compile_on_cpu_without_a_compiler_is_one_line(tmp_path, monkeypatch):
         parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true", "--torch_compile", "true"])
 
 
+@pytest.mark.parametrize(
+    "given, compiled, auto", [([], False, True), (["--torch_compile", "auto"], False, True),
+                              (["--torch_compile", "false"], False, False), (["--torch_compile", "true"], True, False)]
+)  # fmt: skip
+def test_torch_compile_auto_stays_off_until_the_recipe_decides(tmp_path, dynamo_env, given, compiled, auto):
+    # auto is decided by the recipe once the run's length is known (lmkit.perf.resolve_torch_compile)
+    _, _, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "true", *given])
+    assert (args.torch_compile, args.torch_compile_auto) == (compiled, auto)
+    with pytest.raises(LMKitError, match="--torch_compile"):
+        parse_args(argv=["--output_dir", str(tmp_path), "--torch_compile", "sometimes"])
+
+
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "recipes" / "configs").glob("*.yaml")))
 def test_every_preset_parses_into_its_recipes_groups(tmp_path, monkeypatch, preset):
     from dataclasses import fields

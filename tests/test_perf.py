@@ -442,3 +442,79 @@ def test_importing_the_training_modules_changes_nothing():
     # tests/test_modeling.py checks `import lmkit` alone; the training modules (trainer, args, runtime) hold the
     # process-wide levers, so their import leaves env vars, threads, logging, signal handlers and malloc as found.
     assert int(run_python(_IMPORTS).split()[-1]) == pytest.approx(16 << 20, abs=1 << 16)
+
+
+# -- --torch_compile auto: on where the run is long enough for its compile to pay back ---------------------------
+
+
+def _compile_args(**overrides):
+    base = dict(
+        torch_compile="auto", torch_compile_auto=True, torch_compile_backend=None, use_cpu=True, world_size=1,
+        deepspeed=None, gradient_checkpointing=False, bf16=False, max_steps=-1, gradient_accumulation_steps=1,
+        per_device_train_batch_size=4, num_train_epochs=1.0,
+    )  # fmt: skip
+    return SimpleNamespace(**(base | overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, planned, amx, compiler, expected, reason",
+    [
+        ({}, 1000, True, True, True, "auto: 1,000 planned micro-batches pay back its compile"),
+        ({}, 999, True, True, False, "auto: 999 planned micro-batches, under 1,000"),
+        ({}, None, True, True, False, "auto: an unknown number of planned micro-batches, under 1,000"),
+        ({"bf16": True}, 5000, True, True, True, "auto: 5,000 planned"),
+        ({"bf16": True}, 5000, False, True, False, "auto: bf16 on a CPU without AMX"),
+        ({}, 5000, False, True, True, "auto: 5,000 planned"),  # fp32 compiles on any x86 CPU
+        ({}, 5000, True, False, False, "auto: no C++ compiler"),
+        ({"use_cpu": False}, 5000, True, True, False, "auto: not measured on GPUs"),
+        ({"world_size": 2}, 5000, True, True, False, "auto: multi-process CPU runs"),
+        ({"deepspeed": "ds.json"}, 5000, True, True, False, "auto: multi-process CPU runs"),
+        ({"gradient_checkpointing": True}, 5000, True, True, False, "auto: --gradient_checkpointing"),
+        ({"torch_compile_auto": False, "torch_compile": False}, 5000, True, True, False, "as given"),
+        ({"torch_compile_auto": False, "torch_compile": True}, 3, True, True, True, "as given"),
+    ],
+)
+def test_auto_compile_rule(monkeypatch, overrides, planned, amx, compiler, expected, reason):
+    from lmkit import perf
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(perf, "have_cpp_compiler", lambda: compiler)
+    args = _compile_args(**overrides)
+    said = perf.resolve_torch_compile(args, planned)
+    assert args.torch_compile is expected
+    assert said.startswith(f"torch.compile {'on' if expected else 'off'} ({reason}")
+    assert args.torch_compile_backend == ("inductor" if expected and args.torch_compile_auto else None)
+
+
+def test_planned_micro_batches_counts_what_the_trainer_will_run():
+    from lmkit.perf import planned_micro_batches
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 10})
+    assert planned_micro_batches(_compile_args(max_steps=7, gradient_accumulation_steps=3), rows) == 21
+    assert planned_micro_batches(_compile_args(num_train_epochs=2.0), rows) == 6  # ceil(10 / 4) x 2
+    assert planned_micro_batches(_compile_args(num_train_epochs=0.5), rows) == 2  # 1.5 rounds up, as the Trainer's
+    assert planned_micro_batches(_compile_args(), rows.to_iterable_dataset()) is None  # a stream: --max_steps
+
+
+def test_compile_auto_is_decided_before_the_model_is_built(tmp_path, monkeypatch, dynamo_env):
+    # The recipe's wiring, without paying for a compile: a run at the threshold is compiled, and the auto attention
+    # follows the decision (eager math for compiled CPU runs of <= 256 tokens); one micro-batch fewer stays eager.
+    from _recipes import load_recipe
+
+    from lmkit import perf
+
+    pretrain = load_recipe("pretrain")
+    monkeypatch.setattr(perf, "CPU_COMPILE_MIN_MICRO_BATCHES", 40)
+    seen = []
+
+    def stop(model, args, *rest, **kwargs):
+        seen.append((args.torch_compile, model.config._attn_implementation))
+        raise KeyboardInterrupt  # nothing is trained
+
+    monkeypatch.setattr(pretrain, "train_and_save", stop)
+    for steps in (40, 39):
+        out = tmp_path / f"run{steps}"
+        argv = ["--max_steps", str(steps), "--output_dir", str(out), "--bf16", "false", "--report_to", "none"]
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(argv)
+    assert seen == [(True, "eager"), (False, "sdpa")]
