@@ -104,12 +104,13 @@ def child(spec: dict) -> dict:
                  "cpu_allocator_reuse": opts["cpu_allocator_reuse"]}  # fmt: skip
         extra["peak_flops"] = spec["peak"][spec["dtype"] if opts["bf16"] else "fp32"]
         run_args = training_args(args_cls, **extra)
-        # What the recipe decides for a run of spec["planned"] micro-batches (this one times only spec["steps"])
-        decision = resolve_torch_compile(run_args, spec.get("planned", spec["steps"]))
         config = LMConfig(
             vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, max_position_embeddings=T,
             loss_chunk_size=opts["loss_chunk_size"],
         )  # fmt: skip
+        # What the recipe decides for a run of spec["planned"] steps (this one times only spec["steps"])
+        planned = spec.get("planned", spec["steps"]) * B * T * training_flops_per_token(config, T)
+        decision = resolve_torch_compile(run_args, planned)
         config._attn_implementation = resolve_attn_implementation(opts["attn"], run_args, T)
         model = LMForCausalLM(config)
         n_rows = len(tokens) // (T + 1)

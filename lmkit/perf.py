@@ -66,11 +66,11 @@ def resolve_attn_implementation(requested: str, args: Any, seq_len: int) -> str:
     return "sdpa"
 
 
-# `--torch_compile auto`. On a CPU a compile costs ~60-120 s with an empty inductor cache and 8-17 s with a warm
-# one, and buys 1.3-1.9x per step at the benchmarks' shapes (benchmarks/README.md: `bench_compile.py --break_even`
-# put the cold-cache break-even of the tiny preset, the smallest steps lmkit ships, at 648-1,085 micro-batches;
-# larger models take longer per step, so fewer). Below this many planned micro-batches a run stays eager.
-CPU_COMPILE_MIN_MICRO_BATCHES = 1000
+# `--torch_compile auto`: compile a CPU run when its planned model FLOPs (a proxy for its eager time that holds
+# across model shapes: step time grows with them, the compile cost barely does) are enough to pay back a compile
+# with an empty inductor cache. Calibrated in benchmarks/README.md ("Compile break-even"), lmkit's smallest
+# steps (the tiny preset) on a 2-core CPU.
+CPU_COMPILE_MIN_FLOPS = 40e12
 
 
 def have_cpp_compiler() -> bool:
@@ -84,18 +84,21 @@ def have_cpp_compiler() -> bool:
     return True
 
 
-def planned_micro_batches(args: Any, train_dataset: Any) -> int | None:
-    """Forward/backward passes one process plans: ``--max_steps`` x accumulation, else the epochs over a map-style
-    dataset (the Trainer's own count, up to its rounding). None when unknown (a stream without --max_steps)."""
+def planned_training_flops(args: Any, train_dataset: Any, config: Any, seq_len: int) -> float | None:
+    """Model FLOPs one process plans to train (`training_flops_per_token`, full blocks of ``seq_len``) over
+    ``--max_steps`` x accumulation micro-batches, else the epochs over a map-style dataset (rounded up, as the
+    Trainer rounds its max_steps). None when unknown: a stream without --max_steps."""
     if args.max_steps > 0:
-        return args.max_steps * args.gradient_accumulation_steps
-    if not hasattr(train_dataset, "__len__"):
+        micro_batches = args.max_steps * args.gradient_accumulation_steps
+    elif hasattr(train_dataset, "__len__"):
+        per_epoch = -(-len(train_dataset) // (args.per_device_train_batch_size * args.world_size))
+        micro_batches = math.ceil(per_epoch * args.num_train_epochs)
+    else:
         return None
-    per_epoch = -(-len(train_dataset) // (args.per_device_train_batch_size * args.world_size))
-    return math.ceil(per_epoch * args.num_train_epochs)  # the Trainer's max_steps rounds up too
+    return micro_batches * args.per_device_train_batch_size * seq_len * training_flops_per_token(config, seq_len)
 
 
-def _auto_compile_blocker(args: Any, planned: int | None) -> str | None:
+def _auto_compile_blocker(args: Any, planned_flops: float | None) -> str | None:
     if not args.use_cpu:
         return "not measured on GPUs yet (benchmarks/gpu_check.sh); pass --torch_compile true"
     if args.world_size > 1 or args.deepspeed:
@@ -105,26 +108,28 @@ def _auto_compile_blocker(args: Any, planned: int | None) -> str | None:
     if args.bf16 and not torch.cpu._is_amx_tile_supported():
         # Compiled bf16 on an AVX512-BF16 CPU without AMX gave NaN gradients where eager's were finite.
         return "bf16 on a CPU without AMX"
-    if planned is None or planned < CPU_COMPILE_MIN_MICRO_BATCHES:
-        return f"{planned or 'an unknown number of'} planned micro-batches, under {CPU_COMPILE_MIN_MICRO_BATCHES:,}"
+    if planned_flops is None:
+        return "a stream without --max_steps: the run's length is unknown"
+    if planned_flops < CPU_COMPILE_MIN_FLOPS:
+        return f"{planned_flops / 1e12:,.1f} planned TFLOP, under {CPU_COMPILE_MIN_FLOPS / 1e12:,.0f}"
     if not have_cpp_compiler():
         return "no C++ compiler for inductor's kernels"
     return None
 
 
-def resolve_torch_compile(args: Any, planned: int | None) -> str:
-    """Decide ``--torch_compile auto`` for a run of ``planned`` micro-batches (see `CPU_COMPILE_MIN_MICRO_BATCHES`),
-    setting ``args.torch_compile`` (and inductor as the backend, as TrainingArguments does for an explicit flag).
-    Call it before the model is built: ``--attn_implementation auto`` follows it. Returns the decision and its
-    reason, for the log. The threshold assumes an empty compile cache; inductor's on-disk FX-graph and AOTAutograd
-    caches (on by default, in $TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_$USER) make a later run of the same
-    shapes compile in 8-17 s instead."""
+def resolve_torch_compile(args: Any, planned_flops: float | None) -> str:
+    """Decide ``--torch_compile auto`` for a run of ``planned_flops`` (`planned_training_flops`; see
+    `CPU_COMPILE_MIN_FLOPS`), setting ``args.torch_compile`` (and inductor as the backend, as TrainingArguments does
+    for an explicit flag). Call it before the model is built: ``--attn_implementation auto`` follows it. Returns the
+    decision and its reason, for the log. The threshold assumes an empty compile cache; inductor's on-disk FX-graph
+    and AOTAutograd caches (on by default, in $TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_$USER) make a later
+    run of the same shapes compile in 8-17 s instead."""
     if getattr(args, "torch_compile_auto", False):
-        blocker = _auto_compile_blocker(args, planned)
+        blocker = _auto_compile_blocker(args, planned_flops)
         args.torch_compile = blocker is None
         if args.torch_compile and args.torch_compile_backend is None:
             args.torch_compile_backend = "inductor"
-        reason = f"auto: {blocker or f'{planned:,} planned micro-batches pay back its compile'}"
+        reason = f"auto: {blocker or f'{planned_flops / 1e12:,.1f} planned TFLOP pay back its compile'}"
     else:
         reason = "as given"
     return f"torch.compile {'on' if args.torch_compile else 'off'} ({reason})"

@@ -31,7 +31,7 @@ from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, sour
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
 from lmkit.generation import sample_saved_model
-from lmkit.perf import planned_micro_batches, resolve_attn_implementation, resolve_torch_compile
+from lmkit.perf import planned_training_flops, resolve_attn_implementation, resolve_torch_compile
 from lmkit.runtime import model_size, prepare_run, tokens_per_step, train_and_save
 from lmkit.tokenizer import build_tokenizer, model_vocab_size
 
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vocab_size = model_vocab_size(tokenizer, model_args.vocab_size, data_args.tokenizer)
 
     # -- model ------------------------------------------------------------------------------------------------
-    logger.info(resolve_torch_compile(args, planned_micro_batches(args, datasets["train"])))  # auto: the run's length
     config = LMConfig(
         **model_args.config_kwargs(),
         vocab_size=vocab_size,
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    planned = planned_training_flops(args, datasets["train"], config, data_args.block_size)
+    logger.info(resolve_torch_compile(args, planned))  # --torch_compile auto: by the run's length
     config._attn_implementation = resolve_attn_implementation(
         model_args.attn_implementation, args, data_args.block_size
     )

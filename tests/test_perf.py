@@ -457,43 +457,50 @@ def _compile_args(**overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides, planned, amx, compiler, expected, reason",
+    "overrides, tflop, amx, compiler, expected, reason",
     [
-        ({}, 1000, True, True, True, "auto: 1,000 planned micro-batches pay back its compile"),
-        ({}, 999, True, True, False, "auto: 999 planned micro-batches, under 1,000"),
-        ({}, None, True, True, False, "auto: an unknown number of planned micro-batches, under 1,000"),
-        ({"bf16": True}, 5000, True, True, True, "auto: 5,000 planned"),
-        ({"bf16": True}, 5000, False, True, False, "auto: bf16 on a CPU without AMX"),
-        ({}, 5000, False, True, True, "auto: 5,000 planned"),  # fp32 compiles on any x86 CPU
-        ({}, 5000, True, False, False, "auto: no C++ compiler"),
-        ({"use_cpu": False}, 5000, True, True, False, "auto: not measured on GPUs"),
-        ({"world_size": 2}, 5000, True, True, False, "auto: multi-process CPU runs"),
-        ({"deepspeed": "ds.json"}, 5000, True, True, False, "auto: multi-process CPU runs"),
-        ({"gradient_checkpointing": True}, 5000, True, True, False, "auto: --gradient_checkpointing"),
-        ({"torch_compile_auto": False, "torch_compile": False}, 5000, True, True, False, "as given"),
-        ({"torch_compile_auto": False, "torch_compile": True}, 3, True, True, True, "as given"),
+        ({}, 40, True, True, True, "auto: 40.0 planned TFLOP pay back its compile"),
+        ({}, 39.9, True, True, False, "auto: 39.9 planned TFLOP, under 40"),
+        ({}, None, True, True, False, "auto: a stream without --max_steps"),
+        ({"bf16": True}, 100, True, True, True, "auto: 100.0 planned TFLOP"),
+        ({"bf16": True}, 100, False, True, False, "auto: bf16 on a CPU without AMX"),
+        ({}, 100, False, True, True, "auto: 100.0 planned TFLOP"),  # fp32 compiles on any x86 CPU
+        ({}, 100, True, False, False, "auto: no C++ compiler"),
+        ({"use_cpu": False}, 100, True, True, False, "auto: not measured on GPUs"),
+        ({"world_size": 2}, 100, True, True, False, "auto: multi-process CPU runs"),
+        ({"deepspeed": "ds.json"}, 100, True, True, False, "auto: multi-process CPU runs"),
+        ({"gradient_checkpointing": True}, 100, True, True, False, "auto: --gradient_checkpointing"),
+        ({"torch_compile_auto": False, "torch_compile": False}, 100, True, True, False, "as given"),
+        ({"torch_compile_auto": False, "torch_compile": True}, 0.1, True, True, True, "as given"),
     ],
 )
-def test_auto_compile_rule(monkeypatch, overrides, planned, amx, compiler, expected, reason):
+def test_auto_compile_rule(monkeypatch, overrides, tflop, amx, compiler, expected, reason):
     from lmkit import perf
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(perf, "have_cpp_compiler", lambda: compiler)
     args = _compile_args(**overrides)
-    said = perf.resolve_torch_compile(args, planned)
+    said = perf.resolve_torch_compile(args, None if tflop is None else tflop * 1e12)
     assert args.torch_compile is expected
     assert said.startswith(f"torch.compile {'on' if expected else 'off'} ({reason}")
     assert args.torch_compile_backend == ("inductor" if expected and args.torch_compile_auto else None)
 
 
-def test_planned_micro_batches_counts_what_the_trainer_will_run():
-    from lmkit.perf import planned_micro_batches
+def test_planned_training_flops_counts_what_the_trainer_will_run():
+    from lmkit.perf import planned_training_flops, training_flops_per_token
 
+    config = tiny_config()
+    per_micro_batch = 4 * 16 * training_flops_per_token(config, 16)  # micro-batch 4, blocks of 16 tokens
     rows = Dataset.from_dict({"input_ids": [[1, 2]] * 10})
-    assert planned_micro_batches(_compile_args(max_steps=7, gradient_accumulation_steps=3), rows) == 21
-    assert planned_micro_batches(_compile_args(num_train_epochs=2.0), rows) == 6  # ceil(10 / 4) x 2
-    assert planned_micro_batches(_compile_args(num_train_epochs=0.5), rows) == 2  # 1.5 rounds up, as the Trainer's
-    assert planned_micro_batches(_compile_args(), rows.to_iterable_dataset()) is None  # a stream: --max_steps
+
+    def planned(dataset=rows, **overrides):
+        return planned_training_flops(_compile_args(**overrides), dataset, config, 16) / per_micro_batch
+
+    assert planned(max_steps=7, gradient_accumulation_steps=3) == 21
+    assert planned(num_train_epochs=2.0) == 6  # ceil(10 / 4) x 2
+    assert planned(num_train_epochs=0.5) == 2  # 1.5 rounds up, as the Trainer's max_steps does
+    assert planned(rows.to_iterable_dataset(), max_steps=5) == 5
+    assert planned_training_flops(_compile_args(), rows.to_iterable_dataset(), config, 16) is None
 
 
 def test_compile_auto_is_decided_before_the_model_is_built(tmp_path, monkeypatch, dynamo_env):
@@ -504,7 +511,11 @@ def test_compile_auto_is_decided_before_the_model_is_built(tmp_path, monkeypatch
     from lmkit import perf
 
     pretrain = load_recipe("pretrain")
-    monkeypatch.setattr(perf, "CPU_COMPILE_MIN_MICRO_BATCHES", 40)
+    preset = LMConfig(  # recipes/configs/tiny.yaml, which the recipe runs by default
+        vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    )
+    threshold = 40 * 16 * 128 * perf.training_flops_per_token(preset, 128)  # 40 micro-batches of 16 x 128 tokens
+    monkeypatch.setattr(perf, "CPU_COMPILE_MIN_FLOPS", threshold)
     seen = []
 
     def stop(model, args, *rest, **kwargs):
