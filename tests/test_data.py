@@ -221,6 +221,30 @@ def test_random_split_of_a_large_corpus_is_the_chunked_rule(tmp_path):
     assert list(raw["train"]["text"]) == [f"d{i}" for i in keep]
 
 
+@pytest.mark.parametrize("workers", [None, 2])
+def test_random_hold_out_is_tokenized_from_the_whole_table_into_the_same_blocks(tmp_path, char_tok, workers):
+    # build_lm_datasets reads a random hold-out's splits from the contiguous documents (HeldOutSplits): the blocks
+    # are those of the filtered splits read through their index mappings (three hold-out chunks, two workers).
+    rng = np.random.default_rng(0)
+    lines = write(tmp_path / "lines.txt", "".join("abc"[: rng.integers(1, 4)] + "\n" for _ in range(25_000)))
+    a = args(tmp_path, train_files=[str(lines)], validation_split=0.05, sample_by="line", block_size=15,
+             preprocessing_num_workers=workers)  # fmt: skip
+    raw = load_raw_datasets(a, seed=5)
+    assert isinstance(raw, data.HeldOutSplits) and raw.source_of("train") is raw.documents
+    ours = build_lm_datasets(raw, char_tok, a)
+    plain = DatasetDict(raw)  # the same splits without the rule: tokenized through their index mappings
+    assert not isinstance(plain, data.HeldOutSplits)
+    reference = build_lm_datasets(plain, char_tok, a)  # (another cache key: the filtered splits' fingerprints)
+    for split in ("train", "validation"):
+        assert len(ours[split]) > 0
+        assert blocks(ours[split]) == blocks(reference[split]), split
+    # a split replaced after the draw is tokenized as it is, not read from the documents
+    raw["train"] = raw["train"].select(range(100))
+    assert raw.source_of("train") is None and raw.source_of("validation") is raw.documents
+    replaced = build_lm_datasets(raw, char_tok, a)["train"]
+    assert blocks(replaced) == blocks(build_lm_datasets(DatasetDict(raw), char_tok, a)["train"])
+
+
 def test_too_few_documents_to_hold_out(tmp_path):
     one = write(tmp_path / "one.txt", "just one paragraph")
     with pytest.raises(LMKitError, match=r"--validation_split 0.05: the training data has only 1 document"):
