@@ -231,7 +231,7 @@ class LMTrainingArguments(TrainingArguments):
         metadata={
             "help": "torch.compile the model (inductor). Unset (auto): pretraining turns it on where its compile "
             "pays back, a single-process CPU run with a C++ compiler that plans at least "
-            "lmkit.perf.CPU_COMPILE_MIN_FLOPS model FLOPs (40 TFLOP: about 2,700 steps of the tiny preset); off "
+            "lmkit.perf.CPU_COMPILE_MIN_FLOPS model FLOPs (30 TFLOP: about 2,100 steps of the tiny preset); off "
             "elsewhere and in the other recipes."
         },
     )

@@ -68,9 +68,11 @@ def resolve_attn_implementation(requested: str, args: Any, seq_len: int) -> str:
 
 # `--torch_compile auto`: compile a CPU run when its planned model FLOPs (a proxy for its eager time that holds
 # across model shapes: step time grows with them, the compile cost barely does) are enough to pay back a compile
-# with an empty inductor cache. Calibrated in benchmarks/README.md ("Compile break-even"), lmkit's smallest
-# steps (the tiny preset) on a 2-core CPU.
-CPU_COMPILE_MIN_FLOPS = 40e12
+# from an empty inductor cache. Measured break-even at the tiny preset (14.5 GFLOP a step; benchmarks/README.md,
+# "Compile break-even"): 581 steps = 8.4 TFLOP on a 2-core AMX Xeon in bf16 (cold compile 83 s, then 2.17x eager),
+# 648-1,085 steps = 9.4-15.7 TFLOP on a 2-core Xeon without AMX at one thread (1.29x). The threshold is about twice
+# the slowest of those, for compiles slowed by a loaded machine (157 s seen) and CPUs where compile gains less.
+CPU_COMPILE_MIN_FLOPS = 30e12
 
 
 def have_cpp_compiler() -> bool:
