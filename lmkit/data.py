@@ -49,8 +49,18 @@ logger = logging.getLogger(__name__)
 # Extension -> `datasets` packaged builder. ".json" is read as JSON lines (a top-level JSON array also works).
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STREAMING_EVAL_BLOCKS = 1024
-_TOKENIZE_BATCH = 1000  # documents per tokenizer call
+_TOKENIZE_BATCH = 1000  # documents per tokenizer call (a stream), the fewest per `datasets.map` tokenizing batch
 _PACK_BATCH = 10_000  # documents per packing batch: bounds memory, never changes the blocks
+# Arrow record batches. Every process that opens an Arrow table holds ~1.6 KB per record batch of it (pyarrow's
+# RecordBatch and ArrayData objects, `datasets`' list of batches), whether or not it reads the rows. `datasets` cuts
+# what a builder or `filter` writes into record batches of 1,000 rows (ArrowWriter's default) and writes each
+# `map` batch's output as one: with one-line documents that was ~1.6 KB per 1,000 documents for each of the
+# document table, the two hold-out index mappings and the tokenized table (the main process held 64 MB more at 11M
+# documents, 300 MB of text, than at 1.1M; a tokenizing worker 45 MB more). Larger record batches keep it flat;
+# they never change the rows.
+_LINES_PER_RECORD_BATCH = 100_000  # --sample_by line: rows per record batch of the document table (load_files)
+_HOLD_OUT_BATCH = 10 * HOLD_OUT_CHUNK  # rows per hold-out `filter` batch and record batch of its index mapping
+_MAP_BATCH_TEXT = 1 << 20  # bytes of text a `datasets.map` tokenizing batch aims at (see _tokenize_map_batch)
 _CACHE_VERSION = "lmkit-data-1"  # bump when tokenize/pack output changes, to invalidate old caches
 _TOKENS = Features({"input_ids": List(Value("int32"))})
 # A streaming position: `datasets` state where a read batch begins (None: the stream's start), documents and tokens
@@ -196,6 +206,11 @@ def load_files(
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["sample_by"] = source.sample_by if source is not None else data_args.sample_by
+        if kwargs["sample_by"] == "line" and not data_args.streaming:
+            # The builder hands the writer tables of 10 MB of lines; cut them into record batches of 100,000 lines,
+            # not 1,000 (see _LINES_PER_RECORD_BATCH). Only "line": the writer also gathers one-row tables (a file
+            # of one document) until it has this many, which would hold whole files for "paragraph" or "document".
+            kwargs["writer_batch_size"] = _LINES_PER_RECORD_BATCH
     elif builder == "parquet":
         kwargs["columns"] = [column]
     try:
@@ -305,10 +320,12 @@ def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: 
         return train.select(keep), train.select(held)
     check_hold_out(n, fraction, unit="document", hint=hint)
     # `Dataset.select(indices)` turns an index array into a Python list (about 40 bytes a document: 1.3 GB for a
-    # 1 GB corpus split by line). `filter` writes its index mapping batch by batch instead: memory stays flat.
+    # 1 GB corpus split by line). `filter` writes its index mapping batch by batch instead: memory stays flat. It
+    # reads no text (no input column), so its batches can be large: one record batch each (_HOLD_OUT_BATCH).
     split = partial(
-        train.filter, held_out_batch, with_indices=True, batched=True, batch_size=HOLD_OUT_CHUNK, input_columns=[]
-    )
+        train.filter, held_out_batch, with_indices=True, batched=True, batch_size=_HOLD_OUT_BATCH,
+        writer_batch_size=_HOLD_OUT_BATCH, input_columns=[],
+    )  # fmt: skip
     keep = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": True}, desc="Holding out (train)")
     held = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": False}, desc="Holding out")
     return keep, held
@@ -395,9 +412,10 @@ def _tokenize_and_pack(
     if num_proc is not None and num_proc > 1:
         num_proc = min(num_proc, max(1, len(read) // _TOKENIZE_BATCH))  # datasets refuses more shards than rows
     reuse = not data_args.overwrite_cache
+    batch = _tokenize_map_batch(read)  # documents a batch, and a record batch of the tokenized table at most
     common = {
-        "batched": True, "batch_size": _TOKENIZE_BATCH, "remove_columns": read.column_names, "features": _TOKENS,
-        "num_proc": num_proc, "load_from_cache_file": reuse, "desc": f"Tokenizing {split}",
+        "batched": True, "batch_size": batch, "writer_batch_size": batch, "remove_columns": read.column_names,
+        "features": _TOKENS, "num_proc": num_proc, "load_from_cache_file": reuse, "desc": f"Tokenizing {split}",
     }  # fmt: skip
     if drawn is None:
         tokenized = ds.map(
@@ -407,7 +425,7 @@ def _tokenize_and_pack(
     else:  # the split's rows of the contiguous table: cheaper to read than through the split's index mapping
         rule = drawn["rule"]
         if not rule["keep"]:  # validation: few documents a batch to tokenize, and a hold-out draw per batch
-            common["batch_size"] = HOLD_OUT_CHUNK
+            common["batch_size"] = common["writer_batch_size"] = HOLD_OUT_CHUNK
         tokenized = read.with_format("arrow").map(
             _tokenize_held_out_batch, with_indices=True, fn_kwargs={"tokenizer": tokenizer, **rule},
             new_fingerprint=_fingerprint(read._fingerprint, token_hash, "tokenize", json.dumps(rule, sort_keys=True)),
@@ -433,6 +451,16 @@ def _tokenize_and_pack(
         )
         .with_format(None)
     )
+
+
+def _tokenize_map_batch(docs: Dataset) -> int:
+    """Documents per `datasets.map` tokenizing batch of ``docs``: about `_MAP_BATCH_TEXT` bytes of text, from
+    `_TOKENIZE_BATCH` to ten times that. Each batch becomes one record batch of the tokenized table, so short
+    documents are read many to a batch (see _LINES_PER_RECORD_BATCH); long ones keep batches of `_TOKENIZE_BATCH`,
+    as what a batch holds while it is tokenized (ids as Python lists) grows with its text. The ids never change."""
+    table = docs.data  # the whole table under an index mapping: its documents' average length is as good
+    per_document = max(1.0, table.nbytes / max(1, table.num_rows))
+    return int(min(10 * _TOKENIZE_BATCH, max(_TOKENIZE_BATCH, _MAP_BATCH_TEXT // per_document)))
 
 
 def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> pa.Table:

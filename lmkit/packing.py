@@ -69,8 +69,8 @@ def cut_blocks(tokens: np.ndarray, block_len: int) -> tuple[np.ndarray, np.ndarr
 class DocumentStarts:
     """Where each document of a tokenized column (a chunked Arrow list column, memory-mapped) begins in the
     concatenation of all of them, without an array of one start per document: memory stays flat as the corpus
-    grows. It keeps one row count and one token count per Arrow chunk (`datasets` writes a chunk per 1,000 rows)
-    and reads a document's start from its chunk's offsets; small enough to send to `datasets.map` workers."""
+    grows. It keeps one row count and one token count per Arrow chunk (`datasets` writes a chunk per `map`
+    batch) and reads a document's start from its chunk's offsets; small enough to send to `datasets.map` workers."""
 
     def __init__(self, column: pa.ChunkedArray) -> None:
         rows, tokens = [0], [0]

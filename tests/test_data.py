@@ -13,7 +13,8 @@ import lmkit.data as data
 from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.data import build_lm_datasets, load_raw_datasets, resolve_data_files
 from lmkit.errors import LMKitError
-from lmkit.rows import utf8_error_offset
+from lmkit.packing import DocumentStarts
+from lmkit.rows import HOLD_OUT_CHUNK, utf8_error_offset
 from lmkit.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,10 +210,13 @@ def test_random_split_is_seeded_disjoint_and_in_corpus_order(tmp_path, twenty_do
     assert list(load_raw_datasets(a, seed=1)["validation"]["text"]) != val
 
 
-def test_random_split_of_a_large_corpus_is_the_chunked_rule(tmp_path):
-    # 25,000 one-line documents: three hold-out chunks; `filter` splits them batch by batch, no index list.
+@pytest.mark.parametrize("hold_out_batch", [HOLD_OUT_CHUNK, 15_000, data._HOLD_OUT_BATCH])
+def test_random_split_of_a_large_corpus_is_the_chunked_rule(tmp_path, monkeypatch, hold_out_batch):
+    # 25,000 one-line documents: three hold-out chunks; `filter` splits them batch by batch, no index list, in
+    # batches of any size (10,000 was the batch before _HOLD_OUT_BATCH; 15,000 straddles the chunks).
     from lmkit.rows import hold_out_indices
 
+    monkeypatch.setattr(data, "_HOLD_OUT_BATCH", hold_out_batch)
     lines = write(tmp_path / "lines.txt", "".join(f"d{i}\n" for i in range(25_000)))
     a = args(tmp_path, train_files=[str(lines)], validation_split=0.05, split_mode="random", sample_by="line")
     raw = load_raw_datasets(a, seed=5)
@@ -243,6 +247,57 @@ def test_random_hold_out_is_tokenized_from_the_whole_table_into_the_same_blocks(
     assert raw.source_of("train") is None and raw.source_of("validation") is raw.documents
     replaced = build_lm_datasets(raw, char_tok, a)["train"]
     assert blocks(replaced) == blocks(build_lm_datasets(DatasetDict(raw), char_tok, a)["train"])
+
+
+def record_batches(table) -> int:
+    return len(table.to_batches())
+
+
+def test_large_record_batches_give_the_same_documents_splits_and_blocks(tmp_path, char_tok, monkeypatch):
+    # Every process holding an Arrow table holds ~1.6 KB per record batch: one-line documents are written 100,000
+    # to a record batch (the document table), hold-out index mappings a filter batch to one, and tokenized
+    # documents about 1 MB of text a batch. Against smaller ones (the former 1,000-row record batches of documents,
+    # filter batches of 10,000, 1,000 documents a tokenizing batch): the same splits and the same blocks.
+    rng = np.random.default_rng(0)
+    lines = write(tmp_path / "lines.txt", "".join("abc"[: rng.integers(1, 4)] + "\n" for _ in range(25_000)))
+
+    def build(cache: str, workers: int | None) -> tuple:
+        a = args(tmp_path, train_files=[str(lines)], validation_split=0.05, sample_by="line", block_size=15,
+                 preprocessing_num_workers=workers)  # fmt: skip
+        a.cache_dir = str(tmp_path / cache)
+        raw = load_raw_datasets(a, seed=5)
+        return raw, build_lm_datasets(raw, char_tok, a)
+
+    tokenized_chunks = []  # record batches of the tokenized train and validation documents, as packing reads them
+    monkeypatch.setattr(
+        data, "DocumentStarts", lambda column: tokenized_chunks.append(column.num_chunks) or DocumentStarts(column)
+    )
+    with monkeypatch.context() as former:
+        former.setattr(data, "_LINES_PER_RECORD_BATCH", 1000)
+        former.setattr(data, "_HOLD_OUT_BATCH", HOLD_OUT_CHUNK)
+        former.setattr(data, "_MAP_BATCH_TEXT", 0)  # _TOKENIZE_BATCH documents a batch
+        old_raw, old = build("cache-former", None)
+    raw, new = build("cache-now", 2)
+    assert record_batches(old_raw.documents.data) == 25
+    assert record_batches(raw.documents.data) == 1
+    assert [record_batches(raw[s]._indices) for s in ("train", "validation")] == [1, 1]  # one filter batch
+    assert [record_batches(old_raw[s]._indices) for s in ("train", "validation")] == [3, 3]
+    # the training documents tokenized from the 25,000 documents, 1,000 a batch before, now 10,000 a batch in each
+    # of two workers' shards of 12,500
+    assert tokenized_chunks[0] == 25 and tokenized_chunks[2] == 4
+    for split in ("train", "validation"):
+        assert list(raw[split]["text"]) == list(old_raw[split]["text"]), split
+        assert len(new[split]) > 0
+        assert blocks(new[split]) == blocks(old[split]), split
+
+
+def test_tokenize_map_batch_follows_document_length():
+    short = Dataset.from_dict({"text": ["ab"] * 50})
+    long = Dataset.from_dict({"text": ["x" * 20_000] * 50})
+    middle = Dataset.from_dict({"text": ["x" * 300] * 50})
+    assert data._tokenize_map_batch(short) == 10 * data._TOKENIZE_BATCH
+    assert data._tokenize_map_batch(long) == data._TOKENIZE_BATCH
+    assert data._TOKENIZE_BATCH < data._tokenize_map_batch(middle) < 10 * data._TOKENIZE_BATCH
 
 
 def test_too_few_documents_to_hold_out(tmp_path):
