@@ -141,7 +141,8 @@ def interrupted_run(tmp_path, corpus, tokenizer, tokenized, accumulation: int) -
     return *_REFERENCE[accumulation], tokenized[0]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+# With accumulation 2 under -m long: the default suite stays within 15 minutes on 2 cores
+@pytest.mark.parametrize("accumulation", [1, pytest.param(2, marks=pytest.mark.long)])
 def test_resume_jumps_to_the_saved_position_and_is_exact(tmp_path, corpus, tokenizer, tokenized, accumulation):
     ref_losses, ref_epochs, docs_before = interrupted_run(tmp_path, corpus, tokenizer, tokenized, accumulation)
     checkpoint = tmp_path / "run" / f"checkpoint-{STOP}"
