@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -78,7 +79,12 @@ def child(spec: dict) -> dict:
     from lmkit import LMConfig, LMForCausalLM
     from lmkit.args import LMTrainingArguments
     from lmkit.collator import CausalLMCollator
-    from lmkit.perf import resolve_attn_implementation, resolve_torch_compile, training_flops_per_token
+    from lmkit.perf import (
+        planned_training_flops,
+        resolve_attn_implementation,
+        resolve_torch_compile,
+        training_flops_per_token,
+    )
     from lmkit.runtime import configure_allocator, num_parameters
     from lmkit.trainer import LMTrainer
 
@@ -109,8 +115,9 @@ def child(spec: dict) -> dict:
             loss_chunk_size=opts["loss_chunk_size"],
         )  # fmt: skip
         # What the recipe decides for a run of spec["planned"] steps (this one times only spec["steps"])
-        planned = spec.get("planned", spec["steps"]) * B * T * training_flops_per_token(config, T)
-        decision = resolve_torch_compile(run_args, planned)
+        plan = SimpleNamespace(max_steps=spec.get("planned", spec["steps"]), gradient_accumulation_steps=1,
+                               per_device_train_batch_size=B)  # fmt: skip
+        decision = resolve_torch_compile(run_args, planned_training_flops(plan, None, config, T))
         config._attn_implementation = resolve_attn_implementation(opts["attn"], run_args, T)
         model = LMForCausalLM(config)
         n_rows = len(tokens) // (T + 1)

@@ -176,4 +176,4 @@ def dpo_data(
     datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
     datasets = mix_preference_sources(datasets, data_args, args.seed)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
-    return RecipeData(tokenizer, datasets, collator, preference=True, chat=bool(new_special) or chat)
+    return RecipeData(tokenizer, datasets, collator, preference=True, chat=chat)
