@@ -33,6 +33,7 @@ from lmkit.args import BUNDLED_CORPUS, DataArguments
 from lmkit.errors import LMKitError
 from lmkit.mixture import MixtureStream, Source, log_mix, mix_blocks, parse_sources
 from lmkit.packing import DocumentStarts, cut_blocks, pack_document_batch, row_length, tokenize_documents
+from lmkit.pages import release_pages, releasing_pages
 from lmkit.rows import (
     HOLD_OUT_CHUNK,
     check_hold_out,
@@ -60,7 +61,7 @@ _PACK_BATCH = 10_000  # documents per packing batch: bounds memory, never change
 # they never change the rows.
 _LINES_PER_RECORD_BATCH = 100_000  # --sample_by line: rows per record batch of the document table (load_files)
 _HOLD_OUT_BATCH = 10 * HOLD_OUT_CHUNK  # rows per hold-out `filter` batch and record batch of its index mapping
-_MAP_BATCH_TEXT = 1 << 20  # bytes of text a `datasets.map` tokenizing batch aims at (see _tokenize_map_batch)
+_MAP_BATCH_TEXT = 4 << 20  # bytes of text a `datasets.map` tokenizing batch aims at (see _tokenize_map_batch)
 _CACHE_VERSION = "lmkit-data-1"  # bump when tokenize/pack output changes, to invalidate old caches
 _TOKENS = Features({"input_ids": List(Value("int32"))})
 # A streaming position: `datasets` state where a read batch begins (None: the stream's start), documents and tokens
@@ -418,14 +419,14 @@ def _tokenize_and_pack(
         "features": _TOKENS, "num_proc": num_proc, "load_from_cache_file": reuse, "desc": f"Tokenizing {split}",
     }  # fmt: skip
     if drawn is None:
-        tokenized = ds.map(
-            _tokenize_batch, input_columns="text", fn_kwargs={"tokenizer": tokenizer},
+        tokenized = ds.with_format("arrow").map(
+            _tokenize_table, fn_kwargs={"tokenizer": tokenizer},
             new_fingerprint=_fingerprint(ds._fingerprint, token_hash, "tokenize"), **common,
         )  # fmt: skip
     else:  # the split's rows of the contiguous table: cheaper to read than through the split's index mapping
         rule = drawn["rule"]
-        if not rule["keep"]:  # validation: few documents a batch to tokenize, and a hold-out draw per batch
-            common["batch_size"] = common["writer_batch_size"] = HOLD_OUT_CHUNK
+        if not rule["keep"]:  # validation: a few of each batch's documents; batches as large as the hold-out's
+            common["batch_size"] = common["writer_batch_size"] = _HOLD_OUT_BATCH
         tokenized = read.with_format("arrow").map(
             _tokenize_held_out_batch, with_indices=True, fn_kwargs={"tokenizer": tokenizer, **rule},
             new_fingerprint=_fingerprint(read._fingerprint, token_hash, "tokenize", json.dumps(rule, sort_keys=True)),
@@ -434,10 +435,11 @@ def _tokenize_and_pack(
     # Packing reads straight from the tokenized Arrow table, so each batch emits every block that *starts* in its
     # documents, spilling into the next documents: the blocks are those of one global concatenation. It is a copy
     # of the tokens, cheaper than starting worker processes (and sending them the table): one process does it.
-    starts = DocumentStarts(tokenized.data.column("input_ids"))
-    return (
-        tokenized.with_format("arrow")
-        .map(
+    # It reads every page of the tokenized table once: `releasing_pages` keeps them from piling up in this process,
+    # as do the pages that opening the table touched (each record batch's header, with the kernel's fault-around).
+    with releasing_pages(tokenized.data):
+        starts = DocumentStarts(tokenized.data.column("input_ids"))
+        packed = tokenized.with_format("arrow").map(
             pack_document_batch,
             batched=True,
             batch_size=_PACK_BATCH,
@@ -449,18 +451,20 @@ def _tokenize_and_pack(
             new_fingerprint=_fingerprint(tokenized._fingerprint, str(block_len), "pack"),
             desc=f"Packing {split} into blocks of {block_len}",
         )
-        .with_format(None)
-    )
+    return packed.with_format(None)
 
 
 def _tokenize_map_batch(docs: Dataset) -> int:
     """Documents per `datasets.map` tokenizing batch of ``docs``: about `_MAP_BATCH_TEXT` bytes of text, from
-    `_TOKENIZE_BATCH` to ten times that. Each batch becomes one record batch of the tokenized table, so short
-    documents are read many to a batch (see _LINES_PER_RECORD_BATCH); long ones keep batches of `_TOKENIZE_BATCH`,
-    as what a batch holds while it is tokenized (ids as Python lists) grows with its text. The ids never change."""
+    `_TOKENIZE_BATCH` to a hundred times that. Each batch becomes one record batch of the tokenized table, so short
+    documents are read many to a batch. Small record batches cost memory in every process that opens the table:
+    ~1.6 KB of objects each (see _LINES_PER_RECORD_BATCH), and opening a memory-mapped table reads each one's
+    header, which the kernel faults in with its neighbours (64 KB): a table of 10,000 one-line documents a batch
+    was 18% resident as soon as it was opened. The tokenizer is handed `lmkit.packing._ENCODE_BATCH` documents at
+    a time, whatever the batch. The ids never change."""
     table = docs.data  # the whole table under an index mapping: its documents' average length is as good
     per_document = max(1.0, table.nbytes / max(1, table.num_rows))
-    return int(min(10 * _TOKENIZE_BATCH, max(_TOKENIZE_BATCH, _MAP_BATCH_TEXT // per_document)))
+    return int(min(100 * _TOKENIZE_BATCH, max(_TOKENIZE_BATCH, _MAP_BATCH_TEXT // per_document)))
 
 
 def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> pa.Table:
@@ -470,13 +474,23 @@ def _tokenize_batch(texts: list[str | None], tokenizer: Any) -> pa.Table:
     return pa.table({"input_ids": tokenize_documents(texts, tokenizer)})
 
 
+def _tokenize_table(batch: pa.Table, tokenizer: Any, wanted: np.ndarray | None = None) -> pa.Table:
+    """`_tokenize_batch` of an Arrow batch of documents (those ``wanted``, a mask, if given): a `datasets.map`
+    function. The batch's pages of the memory-mapped document table are given back once its text is read
+    (`lmkit.pages`): a tokenizing process reads each page once, and would otherwise end up holding its whole share
+    of the corpus."""
+    column = batch.column("text")
+    texts = (column if wanted is None else column.filter(pa.array(wanted))).to_pylist()
+    release_pages(batch)
+    return _tokenize_batch(texts, tokenizer)
+
+
 def _tokenize_held_out_batch(
     batch: pa.Table, indices: list[int], tokenizer: Any, n: int, fraction: float, seed: int, keep: bool
 ) -> pa.Table:
-    """`_tokenize_batch` of the documents of ``batch`` (rows ``indices`` of ``n``) that `held_out_batch` keeps
+    """`_tokenize_table` of the documents of ``batch`` (rows ``indices`` of ``n``) that `held_out_batch` keeps
     for training (``keep``) or holds out, in order: a `datasets.map` function over the contiguous documents."""
-    wanted = held_out_batch(indices, n, fraction, seed, keep)
-    return _tokenize_batch(batch.column("text").filter(pa.array(wanted)).to_pylist(), tokenizer)
+    return _tokenize_table(batch, tokenizer, held_out_batch(indices, n, fraction, seed, keep))
 
 
 def _tokenizer_hash(tokenizer: Any) -> str:

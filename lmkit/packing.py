@@ -47,9 +47,20 @@ def join_documents(docs: Sequence[Sequence[int]], eos: int) -> tuple[np.ndarray,
     return values, offsets
 
 
+_ENCODE_BATCH = 10_000  # texts per call to the Rust encoder: its Encoding objects live until the ids are joined
+
+
 def tokenize_documents(texts: list[str], tokenizer: Any) -> pa.ListArray:
     """One list of token ids per text, EOS appended, built as Arrow arrays directly: handing `datasets` Python
-    lists of ints would cost a second conversion per token."""
+    lists of ints would cost a second conversion per token. Texts are encoded `_ENCODE_BATCH` at a time, so a
+    caller may pass many (larger Arrow record batches) without holding an ``Encoding`` for each."""
+    parts = [_tokenize_part(texts[i : i + _ENCODE_BATCH], tokenizer) for i in range(0, len(texts), _ENCODE_BATCH)]
+    if len(parts) == 1:
+        return parts[0]
+    return pa.concat_arrays(parts) if parts else _tokenize_part([], tokenizer)
+
+
+def _tokenize_part(texts: list[str], tokenizer: Any) -> pa.ListArray:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust batch encoder without offsets: several times faster than __call__
         ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]

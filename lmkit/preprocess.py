@@ -48,6 +48,7 @@ from lmkit.data import (
 from lmkit.errors import LMKitError
 from lmkit.mixture import Source, log_mix, mix_blocks, parse_sources, probabilities
 from lmkit.packing import row_length
+from lmkit.pages import releasing_pages
 from lmkit.sft import CHAT, PROMPT_COMPLETION, TEXT
 from lmkit.tokenizer import build_tokenizer
 
@@ -184,7 +185,9 @@ def _write(out: Path, splits: DatasetDict, tokenizer: Any, manifest: dict[str, A
     try:
         # One process copies the rows: save_to_disk's num_proc starts a "spawn" pool whose workers import
         # everything again, seconds more than the copy itself. Still at least one shard per worker, for readers.
-        splits.save_to_disk(str(staging), num_shards=shards)
+        # The copy reads each page of the blocks once; `releasing_pages` keeps them from piling up in this process.
+        with releasing_pages(*(ds.data for ds in splits.values())):
+            splits.save_to_disk(str(staging), num_shards=shards)
         tokenizer.save_pretrained(str(staging / TOKENIZED_TOKENIZER))
         (staging / TOKENIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _replace(out, staging)

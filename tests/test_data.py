@@ -256,7 +256,7 @@ def record_batches(table) -> int:
 def test_large_record_batches_give_the_same_documents_splits_and_blocks(tmp_path, char_tok, monkeypatch):
     # Every process holding an Arrow table holds ~1.6 KB per record batch: one-line documents are written 100,000
     # to a record batch (the document table), hold-out index mappings a filter batch to one, and tokenized
-    # documents about 1 MB of text a batch. Against smaller ones (the former 1,000-row record batches of documents,
+    # documents about 4 MB of text a batch. Against smaller ones (the former 1,000-row record batches of documents,
     # filter batches of 10,000, 1,000 documents a tokenizing batch): the same splits and the same blocks.
     rng = np.random.default_rng(0)
     lines = write(tmp_path / "lines.txt", "".join("abc"[: rng.integers(1, 4)] + "\n" for _ in range(25_000)))
@@ -282,9 +282,9 @@ def test_large_record_batches_give_the_same_documents_splits_and_blocks(tmp_path
     assert record_batches(raw.documents.data) == 1
     assert [record_batches(raw[s]._indices) for s in ("train", "validation")] == [1, 1]  # one filter batch
     assert [record_batches(old_raw[s]._indices) for s in ("train", "validation")] == [3, 3]
-    # the training documents tokenized from the 25,000 documents, 1,000 a batch before, now 10,000 a batch in each
-    # of two workers' shards of 12,500
-    assert tokenized_chunks[0] == 25 and tokenized_chunks[2] == 4
+    # the documents tokenized from the 25,000 documents, before: training 1,000 a batch, validation a hold-out
+    # chunk (10,000) a batch; now one batch in each of two workers' shards of 12,500, for either split
+    assert tokenized_chunks == [25, 3, 2, 2]
     for split in ("train", "validation"):
         assert list(raw[split]["text"]) == list(old_raw[split]["text"]), split
         assert len(new[split]) > 0
@@ -295,9 +295,9 @@ def test_tokenize_map_batch_follows_document_length():
     short = Dataset.from_dict({"text": ["ab"] * 50})
     long = Dataset.from_dict({"text": ["x" * 20_000] * 50})
     middle = Dataset.from_dict({"text": ["x" * 300] * 50})
-    assert data._tokenize_map_batch(short) == 10 * data._TOKENIZE_BATCH
+    assert data._tokenize_map_batch(short) == 100 * data._TOKENIZE_BATCH
     assert data._tokenize_map_batch(long) == data._TOKENIZE_BATCH
-    assert data._TOKENIZE_BATCH < data._tokenize_map_batch(middle) < 10 * data._TOKENIZE_BATCH
+    assert data._TOKENIZE_BATCH < data._tokenize_map_batch(middle) < 100 * data._TOKENIZE_BATCH
 
 
 def test_too_few_documents_to_hold_out(tmp_path):

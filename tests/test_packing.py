@@ -145,3 +145,22 @@ def test_sft_random_hold_out_streaming(tmp_path):
     decode = lambda rows: [tok.decode(r["input_ids"], skip_special_tokens=True) for r in rows]  # noqa: E731
     assert decode(splits["validation"]) == ["q0a0", "q4a4"]
     assert decode(splits["train"]) == [f"q{i}a{i}" for i in range(10) if i not in (0, 4)]
+
+
+def test_documents_are_encoded_a_part_at_a_time_with_the_same_ids(tok, monkeypatch):
+    import lmkit.packing as packing
+
+    texts = ["ab", "ba", "cab", "", "abc", "c", "a"]
+    literal = [[1, 2, 4], [2, 1, 4], [3, 1, 2, 4], [4], [1, 2, 3, 4], [3, 4], [1, 4]]
+    monkeypatch.setattr(packing, "_ENCODE_BATCH", 3)
+    calls = []
+    encode = tok.backend_tokenizer.encode_batch_fast
+    monkeypatch.setattr(
+        tok.backend_tokenizer,
+        "encode_batch_fast",
+        lambda t, **kw: calls.append(len(t)) or encode(t, **kw),
+        raising=False,
+    )
+    assert packing.tokenize_documents(texts, tok).to_pylist() == literal
+    assert calls == [3, 3, 1]
+    assert packing.tokenize_documents([], tok).to_pylist() == []
