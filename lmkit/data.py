@@ -451,6 +451,7 @@ def _tokenize_and_pack(
             new_fingerprint=_fingerprint(tokenized._fingerprint, str(block_len), "pack"),
             desc=f"Packing {split} into blocks of {block_len}",
         )
+    release_pages(packed.data)  # opening the blocks read each record batch's header (and, so, its neighbours)
     return packed.with_format(None)
 
 
