@@ -239,6 +239,8 @@ def load_files(
     ds = _text_column(ds, column, field, column_flag)
     if not data_args.streaming and len(ds) == 0:
         raise LMKitError(_no_documents(files, field))
+    if not data_args.streaming:
+        release_pages(ds.data)  # opening the table read each record batch's header (and its neighbours)
     return ds
 
 
@@ -329,6 +331,7 @@ def _hold_out(train: Dataset | IterableDataset, data_args: DataArguments, seed: 
     )  # fmt: skip
     keep = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": True}, desc="Holding out (train)")
     held = split(fn_kwargs={"n": n, "fraction": fraction, "seed": seed, "keep": False}, desc="Holding out")
+    release_pages(keep._indices, held._indices)  # what opening the index mappings read
     return keep, held
 
 
