@@ -42,6 +42,8 @@ def _arrow_mappings() -> list[tuple[int, int]]:
 def _buffers(data: Any) -> Iterator[pa.Buffer]:
     """Every buffer under a Table, RecordBatch, ChunkedArray or Array (children of nested types included), or
     under a `datasets` table (which wraps a pyarrow Table as ``.table``)."""
+    if data is None:  # e.g. a Dataset's ``_indices`` when it has no index mapping
+        return
     if isinstance(getattr(data, "table", None), pa.Table):
         yield from _buffers(data.table)
     elif isinstance(data, pa.Table):

@@ -55,7 +55,7 @@ def test_release_gives_back_a_read_tables_pages_and_the_values_read_back_the_sam
 def test_memory_that_is_not_a_mapped_arrow_file_is_never_touched():
     values = np.arange(N, dtype=np.int32) * 3
     table = pa.table({"x": values.copy()})  # heap memory: MADV_DONTNEED there would zero it
-    assert release_pages(table, pa.array(values)) == 0
+    assert release_pages(table, pa.array(values), None) == 0
     np.testing.assert_array_equal(table.column("x").to_numpy(), values)
 
 
