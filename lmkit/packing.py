@@ -54,10 +54,9 @@ def tokenize_documents(texts: list[str], tokenizer: Any) -> pa.ListArray:
     """One list of token ids per text, EOS appended, built as Arrow arrays directly: handing `datasets` Python
     lists of ints would cost a second conversion per token. Texts are encoded `_ENCODE_BATCH` at a time, so a
     caller may pass many (larger Arrow record batches) without holding an ``Encoding`` for each."""
-    parts = [_tokenize_part(texts[i : i + _ENCODE_BATCH], tokenizer) for i in range(0, len(texts), _ENCODE_BATCH)]
-    if len(parts) == 1:
-        return parts[0]
-    return pa.concat_arrays(parts) if parts else _tokenize_part([], tokenizer)
+    steps = range(0, max(1, len(texts)), _ENCODE_BATCH)  # one (empty) part for no texts
+    parts = [_tokenize_part(texts[i : i + _ENCODE_BATCH], tokenizer) for i in steps]
+    return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
 
 
 def _tokenize_part(texts: list[str], tokenizer: Any) -> pa.ListArray:

@@ -46,10 +46,7 @@ def _buffers(data: Any) -> Iterator[pa.Buffer]:
         return
     if isinstance(getattr(data, "table", None), pa.Table):
         yield from _buffers(data.table)
-    elif isinstance(data, pa.Table):
-        for column in data.columns:
-            yield from _buffers(column)
-    elif isinstance(data, pa.RecordBatch):
+    elif isinstance(data, (pa.Table, pa.RecordBatch)):
         for column in data.columns:
             yield from _buffers(column)
     elif isinstance(data, pa.ChunkedArray):
