@@ -2,10 +2,12 @@
 
     python benchmarks/bench_compile.py --break_even                       # the tiny preset's shapes
     python benchmarks/bench_compile.py --break_even --steps 60 --repeats 3
+    python benchmarks/bench_compile.py --break_even --bf16 false          # fp32, a CPU without AMX's default
 
-Each run is a fresh subprocess training lmkit's model with `LMTrainer` and lmkit's defaults (bf16 auto, fused
-AdamW, auto attention, auto loss chunk, allocator reuse) at the shapes of ``recipes/configs/tiny.yaml`` (4 layers
-x 128 dims, 4/2 heads, vocab 2048, 128 tokens, micro-batch 16), on random tokens; only ``torch_compile`` differs.
+Each run is a fresh subprocess training lmkit's model with `LMTrainer` and lmkit's defaults (``--bf16`` auto
+unless given, fused AdamW, auto attention, auto loss chunk, allocator reuse) at the shapes of
+``recipes/configs/tiny.yaml`` (4 layers x 128 dims, 4/2 heads, vocab 2048, 128 tokens, micro-batch 16), on random
+tokens; only ``torch_compile`` differs.
 The clock starts when training begins (imports and model construction, the same on both sides, are not counted)
 and is read at every step's end, so a compiled run's first steps carry its compile. Three runs alternate per
 repeat: eager, compiled with a cold inductor cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``, as on a new machine), and
@@ -56,6 +58,7 @@ def child(spec: dict) -> dict:
         output_dir=tempfile.mkdtemp(prefix="lmkit-bench-compile-"), per_device_train_batch_size=B,
         max_steps=spec["steps"], logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=True, seed=0, torch_compile=spec["compile"], sample_prompt=None,
+        bf16=spec["bf16"],
     )  # fmt: skip
     configure_allocator(args)  # the recipes' set-up step (prepare_run): --cpu_allocator_reuse
     config = LMConfig(
@@ -109,6 +112,11 @@ def main() -> None:
     parser.add_argument("--break_even", action="store_true", help="measure the compile break-even (the only mode)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--bf16", default="auto", choices=["auto", "true", "false"],
+        help="lmkit's --bf16 for every run (auto: bf16 where the CPU has AMX; false: the fp32 that a CPU without "
+        "AMX runs by default)",
+    )  # fmt: skip
     for key, value in TINY.items():
         parser.add_argument(f"--{key}", type=int, default=value)
     args = parser.parse_args()
@@ -121,13 +129,14 @@ def main() -> None:
     import torch
 
     shapes = {key: getattr(args, key) for key in TINY}
+    bf16 = {"auto": "auto", "true": True, "false": False}[args.bf16]
     runs = {"eager": False, "compiled, cold cache": True, "compiled, warm cache": True}
     results: dict[str, list[dict]] = {name: [] for name in runs}
     for r in range(args.repeats):
         cache = tempfile.mkdtemp(prefix="lmkit-inductor-")  # fresh per repeat: the cold run fills it, warm reuses
         for name, compiled in runs.items():
             env = os.environ | ({"TORCHINDUCTOR_CACHE_DIR": cache} if compiled else {})
-            spec = {**shapes, "steps": args.steps, "compile": compiled, "name": name}
+            spec = {**shapes, "steps": args.steps, "compile": compiled, "name": name, "bf16": bf16}
             results[name].append(run_child(spec, __file__, env))
             ends = results[name][-1]["ends"]
             print(f"repeat {r + 1}/{args.repeats} {name}: first step {ends[0]:.2f} s, steady "

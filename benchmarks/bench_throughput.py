@@ -11,6 +11,10 @@ to the last step. Runs are interleaved (A B C A B C ...) ``--repeats`` times and
 ratios against the references measured in the same invocation; the matmul peak for MFU is measured in the same
 invocation too (best of several rounds, between the runs). All models have the same non-embedding parameter count
 (within 5%), sequence length, micro-batch, dtype and optimizer (AdamW, fused where torch has it).
+
+On a CPU the table ends with the GEMM floor (`gemm_floor_seconds`): one step's matrix multiplies timed alone, at
+their shapes, in the run's dtype. No implementation on this machine's GEMM kernels steps faster, so the floor over
+the Llama row's step time is the ceiling of any "x Llama" target at these shapes and dtype.
 """
 
 from __future__ import annotations
@@ -222,6 +226,97 @@ def measure_peaks(device: str, dtype: str) -> dict:
     return peaks
 
 
+def _best_seconds(fn, rounds: int = 5, min_seconds: float = 0.05) -> float:
+    """Least time per call of ``fn`` over ``rounds`` timed rounds (the least disturbed), after a warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def step_gemms(config, batch_size: int, seq_len: int) -> list[list[list[tuple[int, int, int, int, float]]]]:
+    """The matrix multiplies of one training step of a Llama-architecture ``config`` on ``batch_size`` rows of
+    ``seq_len`` tokens, as groups of equivalent alternatives; each alternative is a list of GEMMs ``(batch, m, k,
+    n, weight)``: ``batch`` products of (m, k) x (k, n), counted ``weight`` times.
+
+    Every linear layer (q, k, v, o, gate, up, down per layer, and the head) costs a forward, an input-gradient and
+    a weight-gradient GEMM. q/k/v, and gate/up, may also run as one wider GEMM over concatenated weights: the two
+    forms are alternatives. Attention costs QK^T and PV forward and, backward, the same two shapes twice (dP and
+    dV, dQ and dK); they are weighted 1/2, because a causal kernel can skip the masked half."""
+    M, H, T = batch_size * seq_len, config.hidden_size, seq_len
+    hd, nh, nkv, inter = (
+        config.head_dim,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+    )
+
+    def linear(k: int, n: int, weight: float = 1.0) -> list[tuple[int, int, int, int, float]]:
+        # forward x W^T (M, k) x (k, n); input gradient g W (M, n) x (n, k); weight gradient g^T x (n, M) x (M, k)
+        return [(1, M, k, n, weight), (1, M, n, k, weight), (1, n, M, k, weight)]
+
+    attention = [(batch_size * nh, T, hd, T, 1.5), (batch_size * nh, T, T, hd, 1.5)]  # 3 uses each, half counted
+    layer = [
+        [linear(H, nh * hd) + linear(H, nkv * hd, 2), linear(H, (nh + 2 * nkv) * hd)],  # q, k, v
+        [linear(nh * hd, H)],  # o
+        [attention],
+        [linear(H, inter, 2), linear(H, 2 * inter)],  # gate, up
+        [linear(inter, H)],  # down
+    ]
+    return layer * config.num_hidden_layers + [[linear(H, config.vocab_size)]]  # the head
+
+
+def gemm_flops(gemms: list[tuple[int, int, int, int, float]]) -> float:
+    return sum(2 * b * m * k * n * w for b, m, k, n, w in gemms)
+
+
+def gemm_floor_seconds(args: argparse.Namespace) -> float:
+    """Seconds one training step's matrix multiplies (`step_gemms`) take on their own, each timed in isolation at
+    its exact shape, counting the faster of each group's alternatives.
+
+    Nothing else (norms, activations, softmax, the loss, the optimizer, autocast's weight casts) is counted, and the
+    operands are warm in cache, so this is a lower bound on any implementation's step time with this machine's
+    GEMM kernels in this dtype: the timed runs' step times over it say how much room there is. CPU only (a GPU
+    timing would need synchronizing)."""
+    import torch
+
+    from lmkit import LMConfig
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # autocast runs linears and bmm in bf16
+    config = LMConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+    )  # fmt: skip
+    timed: dict[tuple[int, int, int, int], float] = {}
+
+    def seconds(b: int, m: int, k: int, n: int) -> float:
+        # The fastest of three memory layouts: both operands row-major, the second stored transposed (nn.Linear's
+        # forward, x W^T) or the first (a weight gradient, g^T x). Other layouts are an implementation's choice.
+        if (b, m, k, n) not in timed:
+            x, y = torch.randn(b, m, k).to(dtype), torch.randn(b, k, n).to(dtype)
+            xt, yt = (
+                x.transpose(-1, -2).contiguous().transpose(-1, -2),
+                y.transpose(-1, -2).contiguous().transpose(-1, -2),
+            )
+            if b == 1:
+                x, y, xt, yt = x[0], y[0], xt[0], yt[0]
+            timed[b, m, k, n] = min(_best_seconds(lambda a=a, c=c: a @ c) for a, c in ((x, y), (x, yt), (xt, y)))
+        return timed[b, m, k, n]
+
+    return sum(
+        min(sum(w * seconds(b, m, k, n) for b, m, k, n, w in alternative) for alternative in group)
+        for group in step_gemms(config, args.batch_size, args.seq_len)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -277,8 +372,11 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {name: [] for name in runs}
     peaks: list[dict] = []
+    floors: list[float] = []
     for r in range(args.repeats):
         peaks.append(measure_peaks(args.device, args.dtype))
+        if args.device == "cpu":
+            floors.append(gemm_floor_seconds(args))
         for name, run in runs.items():
             spec = {**base, **run, "name": name, "peak": peaks[-1] | {"bf16": peaks[-1].get("bf16", 0.0)}}
             results[name].append(run_child(spec))
@@ -320,6 +418,14 @@ def main() -> None:
             f"{vs_llama:>8} | {vs_plain:>8} | {mfu:>6.1%} | {wait:>9} |"
         )
     print("MFU: model FLOPs (6N + 12 L d T per token) over the matmul peak measured for the run's dtype")
+    if floors:
+        floor = statistics.median(floors)
+        ceiling = args.batch_size * args.seq_len / floor
+        print(
+            f"GEMM floor: {floor * 1e3:.1f} ms/step (every matmul of a step alone, at its shape, nothing else: "
+            f"`gemm_floor_seconds`), so at most {ceiling:.0f} tok/s in {args.dtype} on this machine"
+            + (f"; {ceiling / llama:.2f}x the Llama row is the ceiling for any implementation" if llama else "")
+        )
     for name, run in runs.items():
         if run["kind"] == "lmkit":
             first = statistics.median(r["first_step_s"] for r in results[name])

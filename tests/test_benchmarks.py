@@ -51,6 +51,25 @@ def test_break_even_measured_extrapolated_and_never():
     assert bench.break_even([2.0 + 0.1 * n for n in range(1, 11)], eager) == (None, False)
 
 
+def test_gemm_floor_counts_every_matmul_of_a_step_once():
+    """The GEMMs the floor times do the model's FLOPs: 6N per token, plus half of PaLM's attention term."""
+    from lmkit import LMConfig
+    from lmkit.perf import training_flops_per_token
+
+    bench = load("bench_throughput")
+    config = LMConfig(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    B, T = 2, 24
+    groups = bench.step_gemms(config, B, T)
+    assert len(groups) == 3 * 5 + 1  # q/k/v, o, attention, gate/up, down per layer; the head
+    for group in groups:  # a fused form does the same work as the separate one
+        assert len({bench.gemm_flops(alternative) for alternative in group}) == 1
+    total = sum(bench.gemm_flops(group[0]) for group in groups)
+    attention = 12 * 3 * 64 * T  # 12 L q_dim T per token, of which a causal kernel does half
+    assert total == B * T * (training_flops_per_token(config, T) - attention // 2)
+    # intermediate 192: 6 x 48 x (64 x (64 + 2 x 32) + 64 x 64 + 3 x 64 x 192) x 3 layers, + head 6 x 48 x 64 x 96
+    assert total == 6 * 48 * (3 * (64 * 128 + 64 * 64 + 3 * 64 * 192) + 64 * 96) + 48 * 6 * 3 * 64 * 24
+
+
 def test_counting_collator_counts_loss_tokens():
     bench = load("bench_finetune")
     shifted = bench.CountingCollator(lambda rows: {"labels": torch.tensor(rows)}, shifted=True)
