@@ -226,22 +226,6 @@ def measure_peaks(device: str, dtype: str) -> dict:
     return peaks
 
 
-def _best_seconds(fn, rounds: int = 5, min_seconds: float = 0.05) -> float:
-    """Least time per call of ``fn`` over ``rounds`` timed rounds (the least disturbed), after a warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        best = min(best, elapsed / n)
-    return best
-
-
 def step_gemms(config, batch_size: int, seq_len: int) -> list[list[list[tuple[int, int, int, int, float]]]]:
     """The matrix multiplies of one training step of a Llama-architecture ``config`` on ``batch_size`` rows of
     ``seq_len`` tokens, as groups of equivalent alternatives; each alternative is a list of GEMMs ``(batch, m, k,
@@ -289,6 +273,7 @@ def gemm_floor_seconds(args: argparse.Namespace) -> float:
     import torch
 
     from lmkit import LMConfig
+    from lmkit.perf import best_seconds_per_call
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # autocast runs linears and bmm in bf16
     config = LMConfig(
@@ -308,7 +293,10 @@ def gemm_floor_seconds(args: argparse.Namespace) -> float:
             )
             if b == 1:
                 x, y, xt, yt = x[0], y[0], xt[0], yt[0]
-            timed[b, m, k, n] = min(_best_seconds(lambda a=a, c=c: a @ c) for a, c in ((x, y), (x, yt), (xt, y)))
+            timed[b, m, k, n] = min(
+                best_seconds_per_call(lambda a=a, c=c: a @ c, min_seconds=0.05, repeats=5)
+                for a, c in ((x, y), (x, yt), (xt, y))
+            )
         return timed[b, m, k, n]
 
     return sum(
@@ -424,7 +412,7 @@ def main() -> None:
         print(
             f"GEMM floor: {floor * 1e3:.1f} ms/step (every matmul of a step alone, at its shape, nothing else: "
             f"`gemm_floor_seconds`), so at most {ceiling:.0f} tok/s in {args.dtype} on this machine"
-            + (f"; {ceiling / llama:.2f}x the Llama row is the ceiling for any implementation" if llama else "")
+            + (f"; {ceiling / llama:.2f}x the Llama row is the ceiling on these GEMM kernels" if llama else "")
         )
     for name, run in runs.items():
         if run["kind"] == "lmkit":

@@ -220,6 +220,30 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
+def best_seconds_per_call(
+    fn: Callable[[], Any], min_seconds: float = 0.3, repeats: int = 3, sync: Callable[[], None] = lambda: None
+) -> float:
+    """Least seconds per call of ``fn`` over ``repeats`` timed rounds, after two warm-up calls (kernel selection,
+    oneDNN primitive caches). Each round calls it for at least ``min_seconds`` (``sync`` waits for queued device
+    work before each clock read); the best round is the least disturbed by other work on the machine."""
+    for _ in range(2):
+        fn()
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            if n % 4 == 0:
+                sync()
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+        best = min(best, elapsed / n)
+    return best
+
+
 def measure_matmul_peak(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -227,37 +251,20 @@ def measure_matmul_peak(
     min_seconds: float = 0.3,
     repeats: int = 3,
 ) -> float:
-    """Best FLOP/s of square ``size`` x ``size`` matmuls in ``dtype`` on ``device``, over ``repeats`` timed rounds.
+    """Best FLOP/s of square ``size`` x ``size`` matmuls in ``dtype`` on ``device`` (`best_seconds_per_call`).
 
-    Each round runs matmuls for at least ``min_seconds``; the best round is the least disturbed by other work on
-    the machine. This is what the device achieves on a large, well-shaped matmul: the ceiling MFU is measured
-    against, not a data-sheet figure.
+    This is what the device achieves on a large, well-shaped matmul: the ceiling MFU is measured against, not a
+    data-sheet figure.
     """
     device = torch.device(device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    flops_per_matmul = 2 * size**3
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(2):  # warm-up: kernel selection, oneDNN primitive caches
-        torch.matmul(a, b)
-    sync()
-    best = 0.0
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            torch.matmul(a, b)
-            n += 1
-            if n % 4 == 0:
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds:
-                    break
-        best = max(best, n * flops_per_matmul / elapsed)
-    return best
+    return 2 * size**3 / best_seconds_per_call(lambda: torch.matmul(a, b), min_seconds, repeats, sync)
 
 
 def resolve_peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> tuple[float, str]:
