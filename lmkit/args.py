@@ -231,8 +231,8 @@ class LMTrainingArguments(TrainingArguments):
         metadata={
             "help": "torch.compile the model (inductor). Unset (auto): pretraining turns it on where its compile "
             "pays back, a single-process CPU run with a C++ compiler that plans at least "
-            "lmkit.perf.CPU_COMPILE_MIN_FLOPS model FLOPs (30 TFLOP: about 2,100 steps of the tiny preset); off "
-            "elsewhere and in the other recipes."
+            "lmkit.perf.CPU_COMPILE_MIN_FLOPS model FLOPs (30 TFLOP in bf16, about 2,100 steps of the tiny preset; "
+            "70 TFLOP in fp32, where compile gains less); off elsewhere and in the other recipes."
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})

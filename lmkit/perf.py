@@ -68,11 +68,15 @@ def resolve_attn_implementation(requested: str, args: Any, seq_len: int) -> str:
 
 # `--torch_compile auto`: compile a CPU run when its planned model FLOPs (a proxy for its eager time that holds
 # across model shapes: step time grows with them, the compile cost barely does) are enough to pay back a compile
-# from an empty inductor cache. Measured break-even at the tiny preset (14.5 GFLOP a step; benchmarks/README.md,
-# "Compile break-even"): 581 steps = 8.4 TFLOP on a 2-core AMX Xeon in bf16 (cold compile 83 s, then 2.17x eager),
-# 648-1,085 steps = 9.4-15.7 TFLOP on a 2-core Xeon without AMX at one thread (1.29x). The threshold is about twice
-# the slowest of those, for compiles slowed by a loaded machine (157 s seen) and CPUs where compile gains less.
-CPU_COMPILE_MIN_FLOPS = 30e12
+# from an empty inductor cache, for the run's matmul dtype. Measured break-even at the tiny preset (14.5 GFLOP a
+# step; benchmarks/README.md, "Compile break-even" and "Compile in fp32"):
+# - bf16: 581 steps = 8.4 TFLOP on a 2-core AMX Xeon (cold compile 83 s, then 2.17x eager); 648-1,085 steps =
+#   9.4-15.7 TFLOP on a 2-core Xeon without AMX at one thread (1.29x);
+# - fp32: 1,640 and 2,359 steps = 23.8 and 34.2 TFLOP on the AMX Xeon (1.23x and 1.12x: fp32 steps are bound by
+#   the GEMMs, which compile does not speed up; at 4 x 256 it gains 0.96-1.05x).
+# Each threshold is about twice the slowest break-even of its dtype, for compiles slowed by a loaded machine (157 s
+# seen) and CPUs where compile gains less.
+CPU_COMPILE_MIN_FLOPS = {"bf16": 30e12, "fp32": 70e12}
 
 
 def have_cpp_compiler() -> bool:
@@ -112,8 +116,11 @@ def _auto_compile_blocker(args: Any, planned_flops: float | None) -> str | None:
         return "bf16 on a CPU without AMX"
     if planned_flops is None:
         return "a stream without --max_steps: the run's length is unknown"
-    if planned_flops < CPU_COMPILE_MIN_FLOPS:
-        return f"{planned_flops / 1e12:,.1f} planned TFLOP, under {CPU_COMPILE_MIN_FLOPS / 1e12:,.0f}"
+    dtype = "bf16" if args.bf16 else "fp32"
+    if planned_flops < CPU_COMPILE_MIN_FLOPS[dtype]:
+        return (
+            f"{planned_flops / 1e12:,.1f} planned TFLOP, under {CPU_COMPILE_MIN_FLOPS[dtype] / 1e12:,.0f} in {dtype}"
+        )
     if not have_cpp_compiler():
         return "no C++ compiler for inductor's kernels"
     return None

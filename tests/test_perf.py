@@ -459,8 +459,10 @@ def _compile_args(**overrides):
 @pytest.mark.parametrize(
     "overrides, tflop, amx, compiler, expected, reason",
     [
-        ({}, 30, True, True, True, "auto: 30.0 planned TFLOP pay back its compile"),
-        ({}, 29.9, True, True, False, "auto: 29.9 planned TFLOP, under 30"),
+        ({"bf16": True}, 30, True, True, True, "auto: 30.0 planned TFLOP pay back its compile"),
+        ({"bf16": True}, 29.9, True, True, False, "auto: 29.9 planned TFLOP, under 30 in bf16"),
+        ({}, 70, True, True, True, "auto: 70.0 planned TFLOP pay back its compile"),
+        ({}, 69.9, True, True, False, "auto: 69.9 planned TFLOP, under 70 in fp32"),  # fp32 gains less
         ({}, None, True, True, False, "auto: a stream without --max_steps"),
         ({"bf16": True}, 100, True, True, True, "auto: 100.0 planned TFLOP"),
         ({"bf16": True}, 100, False, True, False, "auto: bf16 on a CPU without AMX"),
@@ -515,7 +517,7 @@ def test_compile_auto_is_decided_before_the_model_is_built(tmp_path, monkeypatch
         vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     )
     threshold = 40 * 16 * 128 * perf.training_flops_per_token(preset, 128)  # 40 micro-batches of 16 x 128 tokens
-    monkeypatch.setattr(perf, "CPU_COMPILE_MIN_FLOPS", threshold)
+    monkeypatch.setattr(perf, "CPU_COMPILE_MIN_FLOPS", {"fp32": threshold})  # the run below is fp32
     seen = []
 
     def stop(model, args, *rest, **kwargs):
