@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from lmkit.launcher import accelerate_launcher_pid, live_siblings, stat_fields
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            end_process_group()
+            return result
         except LMKitError as err:
             _run_exit_callbacks()  # now: under a launcher the process ends in a signal handler (os._exit), not here
             message = " ".join(str(err).split())  # one line, whatever the message was built from
@@ -72,6 +76,18 @@ def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
             _run_exit_callbacks()
 
     return wrapper
+
+
+def end_process_group() -> None:
+    """Destroy the default process group of a multi-process run that finished, while the interpreter is alive.
+
+    Left to interpreter teardown, gloo's worker threads can still hold finished work whose tensors reference Python
+    objects; destroying those then aborts the process ("terminate called without an active exception", SIGABRT,
+    pytorch/pytorch#190489), and the launcher reports a run that had saved everything as failed. Only on success:
+    after an error another rank may still be inside a collective, and the launcher stops every rank anyway.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def exit_with_error(line: str) -> None:

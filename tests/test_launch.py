@@ -82,6 +82,37 @@ def test_plain_exit_without_a_launcher(tmp_path):
     assert proc.stderr.strip().splitlines() == ["lmkit: error: --num_threads must be a positive integer, got -2"]
 
 
+def test_a_finished_recipe_destroys_its_process_group(tmp_path):
+    """A recipe that returns leaves no process group for interpreter teardown (where gloo can abort a rank that
+    finished); one that fails leaves it to the launcher, since another rank may still be inside a collective."""
+    import torch.distributed as dist
+
+    def init(name):
+        store = dist.FileStore(str(tmp_path / name), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    @errors.main_entry
+    def finishes():
+        tensor = torch.tensor([2.0])
+        dist.all_reduce(tensor, async_op=True).wait()
+        return tensor.item()
+
+    @errors.main_entry
+    def fails():
+        raise LMKitError("--train_files x: no such file")
+
+    init("ok")
+    assert finishes() == 2.0
+    assert not dist.is_initialized()
+    init("bad")
+    try:
+        with pytest.raises(SystemExit):
+            fails()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 # -- one output dir, one run -------------------------------------------------------------------------------------
 def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     first = OutputDirLock(tmp_path / "out")
