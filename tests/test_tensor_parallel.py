@@ -59,6 +59,7 @@ for folder in folders:
     record.append({"local_shapes": local_shapes, "logits": logits, "generated": generated,
                    "loss": out_train.loss.detach(), "train_logits": out_train.logits, "grads": grads})
 torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+torch.distributed.destroy_process_group()  # as recipes do (lmkit.errors.end_process_group)
 """
 
 
