@@ -25,7 +25,7 @@ from transformers import (
 from lmkit import LMConfig, LMForCausalLM
 from lmkit.args import LMTrainingArguments
 from lmkit.collator import CausalLMCollator
-from lmkit.finetune import add_tokens, apply_lora, load_model, load_tokenizer
+from lmkit.finetune import DROPOUT_LEVELS, CPUDropout, add_tokens, apply_lora, load_model, load_tokenizer
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.sft import build_sft_dataset
 from lmkit.tokenizer import build_tokenizer
@@ -151,6 +151,38 @@ def test_full_finetune_learns_to_reverse_held_out_words(reverser):
     assert before <= 0.05
     assert after >= 0.6
     assert metrics["train_loss"] < 1.0
+
+
+def test_cpu_dropout_drops_p_scales_the_rest_and_reproduces_from_the_seed():
+    """LoRA's CPU dropout: each element dropped with p (rounded to 2**-16), the kept ones scaled so the mean is kept,
+    the gradient through the same mask, and the mask drawn from torch's seed."""
+    n, p = 1_000_000, 0.05
+    cutoff = round(p * DROPOUT_LEVELS)  # 3277: p = 0.0500031
+    scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - cutoff)
+    dropout = CPUDropout(p).train()
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(scale).item()}  # the scale, rounded to fp32
+    sigma = math.sqrt(p * (1 - p) / n)  # binomial spread of the dropped fraction
+    assert abs((y == 0).double().mean().item() - cutoff / DROPOUT_LEVELS) < 5 * sigma
+    assert abs(y.double().mean().item() - 1.0) < 5 * sigma * scale  # E[y] = x exactly with this scale
+    assert abs((y[: n // 2] == 0).double().mean().item() - p) < 5 * sigma * math.sqrt(2)  # no drift along the input
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach(), rtol=0, atol=0)  # d(sum y)/dx = the scaled mask itself
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropout(x), y, rtol=0, atol=0)
+    assert not torch.equal(dropout(x), y)  # the next call draws the next mask
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_lora_layers_get_the_cpu_dropout_and_no_dropout_stays_none(lmkit_base):
+    for p, kind in ((0.1, CPUDropout), (0.0, torch.nn.Identity)):
+        model = apply_lora(load_model(str(lmkit_base)), FinetuneArguments(use_lora=True, lora_dropout=p))
+        layers = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+        assert len(layers) == 2 * 7 and all(type(d) is kind for d in layers)  # q k v o gate up down, 2 blocks
+        assert all(d.p == p for d in layers if kind is CPUDropout)
+        assert not any("dropout" in key for key in model.state_dict())  # nothing new in what peft saves
 
 
 def test_lora_learns_a_new_task_on_a_trained_base(reverser, tmp_path):
