@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmkit.args import DataArguments
-from lmkit.collator import IGNORE_INDEX
+from lmkit.collator import IGNORE_INDEX, padded_width
 from lmkit.data import FORMATS, _fingerprint, _tokenizer_hash, resolve_data_files
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
@@ -387,10 +387,12 @@ class PreferenceCollator:
     Unpacked: one right-padded row per sequence, with ``attention_mask`` when lengths differ. ``packing``: all 2B
     sequences in one padding-free row whose ``position_ids`` restart at 0 for each, so attention and rotary
     positions stay within each sequence (as finetune's ``--packing`` does). Reference log-probs ride along.
+    Unpacked widths round up to a multiple of ``pad_to_multiple_of`` (`lmkit.collator.padded_width`).
     """
 
     pad_token_id: int
     packing: bool = False
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
@@ -405,7 +407,7 @@ class PreferenceCollator:
                 "sequence_ids": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).view(1, total),
             }
         else:
-            width = max(lengths)
+            width = padded_width(max(lengths), self.pad_to_multiple_of)
             batch = {
                 "input_ids": torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long),
                 "targets": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),

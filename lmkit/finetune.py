@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 MERGED_DIR = "merged"
 
 
+def rows_of_one_length(fmt: str, packing: bool) -> bool:
+    """Packed rows and text blocks all have the width ``--block_size`` gives them; unpacked SFT examples vary."""
+    return packing or fmt == TEXT
+
+
+def sft_pad_to_multiple_of(ft_args: FinetuneArguments, fmt: str) -> int | None:
+    """The collator's ``pad_to_multiple_of``: ``--pad_to_multiple_of`` for unpacked SFT examples, None for rows of
+    one length (a ``--block_size`` that is no multiple of it must not grow every batch)."""
+    return None if rows_of_one_length(fmt, ft_args.packing) else ft_args.pad_to_multiple_of
+
+
 def default_sft_sampling(args: LMTrainingArguments, data_args: DataArguments, fmt: str, packing: bool) -> None:
     """SFT's batching rule: unpacked in-memory examples are batched by length (``group_by_length``) unless the user
     chose ``--train_sampling_strategy``. Rows of one length padded together waste less compute: on the
@@ -47,8 +58,7 @@ def default_sft_sampling(args: LMTrainingArguments, data_args: DataArguments, fm
     at the same losses, and beat padding-free packing, which on a CPU pays attention over the whole flattened row.
     Packed rows and text blocks all have one length and a stream has no lengths to group: those keep their order.
     """
-    one_length = packing or fmt == TEXT
-    if "train_sampling_strategy" in explicit_fields(args) or one_length or data_args.streaming:
+    if "train_sampling_strategy" in explicit_fields(args) or rows_of_one_length(fmt, packing) or data_args.streaming:
         return
     args.train_sampling_strategy = "group_by_length"
     logger.info("SFT batches are grouped by length (--train_sampling_strategy group_by_length; pass random to mix)")

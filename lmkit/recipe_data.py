@@ -38,7 +38,7 @@ from lmkit.dpo import (
 )
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
-from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer
+from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer, sft_pad_to_multiple_of
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.preprocess import load_tokenized_finetune, sft_rows_format
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
@@ -141,14 +141,18 @@ def finetune_data(
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
     if tokenized is not None:
         datasets = load_tokenized_finetune(data_args, tokenizer, tokenized, fmt, ft_args)
-        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+        pad_multiple = sft_pad_to_multiple_of(ft_args, fmt)
+        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
         return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
     datasets = build_finetune_datasets(
         data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
         main_process_first=args.main_process_first,
     )  # fmt: skip
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
-    collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width)
+    collator = CausalLMCollator(
+        pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width,
+        pad_to_multiple_of=sft_pad_to_multiple_of(ft_args, fmt),
+    )  # fmt: skip
     return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
 
 
@@ -175,5 +179,7 @@ def dpo_data(
     settings = {"cache_dir": cache_root(data_args), "num_proc": data_args.preprocessing_num_workers}
     datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
     datasets = mix_preference_sources(datasets, data_args, args.seed)
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing)
+    collator = PreferenceCollator(
+        pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing, pad_to_multiple_of=ft_args.pad_to_multiple_of
+    )
     return RecipeData(tokenizer, datasets, collator, preference=True, chat=chat)

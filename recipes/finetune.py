@@ -45,6 +45,7 @@ from lmkit.finetune import (
     load_tokenizer,
     merge_lora,
     prepare_model,
+    sft_pad_to_multiple_of,
 )
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
@@ -116,14 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info("model: %s; data: %s, %s train / %d eval rows", model_size(model), fmt, train_rows, n_eval)
 
     # -- train, save and evaluate -----------------------------------------------------------------------------
-    # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length).
+    # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length), other
+    # unpacked examples to a multiple of --pad_to_multiple_of.
     stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     trainer, metrics = train_and_save(
         model,
         args,
         datasets["train"],
         datasets["validation"],
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width),
+        data_collator=CausalLMCollator(tokenizer.pad_token_id, stream_width, sft_pad_to_multiple_of(ft_args, fmt)),
         tokenizer=tokenizer,
         resume_from=resume_from,
     )

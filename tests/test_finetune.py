@@ -477,6 +477,21 @@ def test_streaming_sft_first_batch_and_loss_equal_the_map_style_path(lmkit_base,
     torch.testing.assert_close(first_loss, loss, rtol=1e-5, atol=0)
 
 
+def test_unpacked_batches_are_padded_to_a_multiple_of_16_by_default(lmkit_base, tmp_path, collated):
+    words = [(LETTERS * 2)[: 1 + (i * 5) % 14] for i in range(32)]  # 1-14 letters: rows of 13-39 tokens
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_rows(words))
+    common = ("--model_name_or_path", lmkit_base, "--train_files", data, "--block_size", 40, "--max_steps", 2,
+              "--per_device_train_batch_size", 4, "--eval_strategy", "no", "--save_strategy", "no")  # fmt: skip
+    widths = {}
+    for name, extra in {"default": (), "off": ("--pad_to_multiple_of", 1), "packed": ("--packing", "true")}.items():
+        collated.clear()
+        run(*common, *extra, "--output_dir", tmp_path / name)
+        widths[name] = [batch["input_ids"].shape[1] for batch in collated]
+    assert widths["default"] and all(w % 16 == 0 for w in widths["default"])
+    assert any(w % 16 for w in widths["off"])  # each batch's longest row
+    assert set(widths["packed"]) == {40}  # packed rows keep --block_size, not rounded to 48
+
+
 def test_streaming_packed_chat_on_llama_adds_markers(tmp_path, collated):
     base_dir = save_hf_model(tmp_path / "llama", "llama")  # 32-token vocab: the ChatML markers are new tokens
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(reversal_task()[0][:48]))
@@ -592,6 +607,10 @@ def _bad_cases(tmp: Path, lmkit_base: Path) -> dict[str, tuple[list, str]]:
             "--lora_target_modules qkv: no such module in the model; its linear layers are down_proj, gate_proj, "
             "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
         ),  # fmt: skip
+        "pad-multiple": (
+            ["--model_name_or_path", lmkit_base, "--train_files", good, "--pad_to_multiple_of", "0"],
+            "--pad_to_multiple_of must be a positive integer, got 0",
+        ),
         "qlora-on-cpu": (
             ["--model_name_or_path", lmkit_base, "--train_files", good, "--load_in_4bit", "true"],
             "--load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes",
@@ -599,7 +618,7 @@ def _bad_cases(tmp: Path, lmkit_base: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-CASES = ["no-config", "vocab-mismatch", "missing-completion", "unknown-role", "lora-targets", "qlora-on-cpu"]
+CASES = ["no-config", "vocab-mismatch", "missing-completion", "unknown-role", "lora-targets", "pad-multiple", "qlora-on-cpu"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)

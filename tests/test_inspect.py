@@ -15,6 +15,7 @@ from lmkit.collator import CausalLMCollator
 from lmkit.data import build_lm_datasets, load_raw_datasets
 from lmkit.dpo import PreferenceCollator, tokenize_pair
 from lmkit.finetune import load_tokenizer
+from lmkit.finetune_args import FinetuneArguments
 from lmkit.inspect import LEGEND, escape, pair_views, render_pairs, render_rows, row_views, summary, table
 from lmkit.packing import pack_examples
 from lmkit.sft import tokenize_example
@@ -213,7 +214,8 @@ def test_recipe_preference_pairs(tmp_path, checkpoint, capsys):
                      str(tmp_path / "pairs.jsonl"), "--validation_split", "0", "--rows", "2", "--cache_dir",
                      str(tmp_path / "cache"), "--output_dir", str(out)], capsys)  # fmt: skip
     tokenizer, _ = load_tokenizer(str(checkpoint))
-    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)([tokenize_pair(p, tokenizer, 64) for p in pairs])
+    collate = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=FinetuneArguments().pad_to_multiple_of)
+    batch = collate([tokenize_pair(p, tokenizer, 64) for p in pairs])  # the recipe's default padding
     assert [r["pair"] for r in rows] == [0, 1]
     for k, row in enumerate(rows):
         _assert_matches_collator(row["chosen"], batch, k, "targets")
