@@ -55,7 +55,9 @@ IGNORE_INDEX = -100
 # row -> (packing, LoRA, learning rate); lmkit's path comparison adds the length-grouped sampler.
 ROWS = {"full": (False, False, 5e-5), "packed": (True, False, 5e-5), "lora": (False, True, 2e-4)}
 # lmkit's SFT paths (--paths), each an lmkit run of the full row's examples: "full" pads each batch to its longest
-# example; "grouped" batches examples of similar length (transformers' LengthGroupedSampler): less padding;
+# example, rounded up to a multiple of 16 (the recipe's --pad_to_multiple_of); "grouped" batches examples of similar
+# length (transformers' LengthGroupedSampler): less padding; "exact" is "grouped" with widths not rounded
+# (--pad_to_multiple_of 1): a new shape for almost every batch;
 # "packed" is the packed row; "padfree" a prototype collator (in this file, not in lmkit) that concatenates a batch's
 # examples into one row with per-example position_ids, as TRL's padding_free does: no padding, attention within each
 # example; "fp32" / "bf16" the padded path in that dtype, whatever --dtype says; "compiled" the packed path with
@@ -64,6 +66,7 @@ ROWS = {"full": (False, False, 5e-5), "packed": (True, False, 5e-5), "lora": (Fa
 PATHS = {
     "full": {"sampling": "random", "packing": False},
     "grouped": {"sampling": "group_by_length", "packing": False},
+    "exact": {"sampling": "group_by_length", "packing": False, "pad_to_multiple_of": 1},
     "packed": {"sampling": "random", "packing": True},
     "padfree": {"sampling": "random", "packing": False, "padding_free": True},
     "fp32": {"sampling": "random", "packing": False, "bf16": False},
@@ -73,6 +76,7 @@ PATHS = {
 PATH_LABELS = {
     "full": "padded (packing false)",
     "grouped": "length-grouped batches",
+    "exact": "length-grouped, exact widths",
     "packed": "packed (packing true)",
     "padfree": "padding-free batches (proto)",
     "fp32": "padded, fp32 (no autocast)",
@@ -133,11 +137,11 @@ def child(spec: dict) -> dict:
 
         from lmkit.args import DataArguments, LMTrainingArguments
         from lmkit.collator import CausalLMCollator
-        from lmkit.finetune import apply_lora, load_model, load_tokenizer
+        from lmkit.finetune import apply_lora, load_model, load_tokenizer, sft_pad_to_multiple_of
         from lmkit.finetune_args import FinetuneArguments
         from lmkit.perf import resolve_attn_implementation
         from lmkit.runtime import configure_allocator
-        from lmkit.sft import build_sft_datasets
+        from lmkit.sft import PROMPT_COMPLETION, build_sft_datasets
         from lmkit.trainer import LMTrainer
 
         args = LMTrainingArguments(
@@ -155,10 +159,14 @@ def child(spec: dict) -> dict:
         )
         datasets = build_sft_datasets(data_args, tokenizer, packing=packing, seed=0)
         train, evaluation = datasets["train"], datasets["validation"]
+        ft_args = FinetuneArguments(
+            packing=packing, use_lora=lora, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+            **({"pad_to_multiple_of": spec["pad_to_multiple_of"]} if spec.get("pad_to_multiple_of") else {}),
+        )  # fmt: skip
         if lora:
             set_seed(0)  # the adapters' initial draw: SFTTrainer calls set_seed(args.seed) just before wrapping
-            model = apply_lora(model, FinetuneArguments(use_lora=True, lora_r=16, lora_alpha=32, lora_dropout=0.05))
-        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+            model = apply_lora(model, ft_args)
+        collator = CausalLMCollator(tokenizer.pad_token_id, None, sft_pad_to_multiple_of(ft_args, PROMPT_COMPLETION))
         if spec.get("padding_free"):
             collator = padding_free_collator
         collator = CountingCollator(collator, shifted=True)
