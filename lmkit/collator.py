@@ -67,11 +67,13 @@ class CausalLMCollator:
         lengths = [len(f["input_ids"]) - 1 for f in features]
         if min(lengths) < 1:
             raise ValueError("every row needs at least 2 tokens (one input, one target)")
-        width = padded_width(max(lengths), self.pad_to_multiple_of)
+        width = max(lengths)
         if self.pad_to_length is not None:
             if width > self.pad_to_length:
                 raise ValueError(f"a row of {width + 1} tokens does not fit pad_to_length {self.pad_to_length} + 1")
             width = self.pad_to_length
+        else:
+            width = padded_width(width, self.pad_to_multiple_of)
 
         batch_size = len(features)
         input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)

@@ -307,11 +307,12 @@ class CPUDropout(nn.Dropout):
     3.2x faster, multiply included. The generator is seeded from torch's, so `set_seed` and a checkpoint's saved
     RNG state reproduce the masks. Kept elements scale by 2**16 / (2**16 - cutoff), so the expectation is exactly
     the input; p itself is rounded to a multiple of 2**-16 (0.05 drops 0.0500031 of the elements). In eval mode, on
-    other devices and in place, this is `nn.Dropout`.
+    other devices, in place and under torch.compile (whose generated kernels draw their own masks, and which numpy
+    would split into graph breaks), this is `nn.Dropout`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and x.is_cpu and self.p > 0) or self.inplace:
+        if not (self.training and x.is_cpu and self.p > 0) or self.inplace or torch.compiler.is_compiling():
             return super().forward(x)
         cutoff = round(self.p * DROPOUT_LEVELS)
         seed = int(torch.randint(2**62, ()))

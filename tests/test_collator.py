@@ -51,6 +51,8 @@ def test_pad_to_length_gives_one_shape_with_a_mask():
     assert full["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1]]
     with pytest.raises(ValueError, match="does not fit pad_to_length 6"):
         collate([{"input_ids": list(range(8))}])
+    rounded = CausalLMCollator(pad_token_id=9, pad_to_length=6, pad_to_multiple_of=4)  # a stream's width wins
+    assert rounded([{"input_ids": list(range(7))}])["input_ids"].shape == (1, 6)
 
 
 def test_pad_to_multiple_of_rounds_the_width_up():

@@ -176,6 +176,18 @@ def test_cpu_dropout_drops_p_scales_the_rest_and_reproduces_from_the_seed():
     assert torch.equal(dropout.eval()(x), x)
 
 
+def test_cpu_dropout_under_torch_compile_is_one_graph():
+    """Compiled, the module is nn.Dropout (inductor draws the mask): no numpy call to break the graph."""
+    from lmkit.perf import have_cpp_compiler
+
+    if not have_cpp_compiler():
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    dropout = CPUDropout(0.5).train()
+    y = torch.compile(lambda x: dropout(x) * 2, fullgraph=True)(torch.ones(10_000))  # raises on a graph break
+    assert set(y.unique().tolist()) == {0.0, 4.0}
+    assert abs((y == 0).double().mean().item() - 0.5) < 5 * 0.005  # 5 sigma of a binomial fraction at n = 10,000
+
+
 def test_lora_layers_get_the_cpu_dropout_and_no_dropout_stays_none(lmkit_base):
     for p, kind in ((0.1, CPUDropout), (0.0, torch.nn.Identity)):
         model = apply_lora(load_model(str(lmkit_base)), FinetuneArguments(use_lora=True, lora_dropout=p))
