@@ -96,6 +96,7 @@ def child(spec: dict) -> dict:
         )
         from lmkit.dpo_args import PreferenceArguments
         from lmkit.finetune import load_tokenizer
+        from lmkit.finetune_args import FinetuneArguments
 
         tok, _ = load_tokenizer(model_dir)
         rows, _ = read_preference_rows(
@@ -103,7 +104,8 @@ def child(spec: dict) -> dict:
         )
         data = build_preference_dataset(rows, tok, spec["max_length"])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        collator = PreferenceCollator(tok.pad_token_id, packing=spec["packed"])
+        multiple = FinetuneArguments().pad_to_multiple_of  # recipes/dpo.py's default padding
+        collator = PreferenceCollator(tok.pad_token_id, packing=spec["packed"], pad_to_multiple_of=multiple)
         r0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
             data = add_reference_logps(data, model, collator, key="bench", cache_dir=Path(cache), batch_size=16)
