@@ -9,7 +9,7 @@ One deterministic set of prompt/completion rows (Shakespeare snippets of varied 
 weights: an lmkit checkpoint (`LMForCausalLM`) saved once, and the same weights exported to a stock
 `LlamaForCausalLM` with `lmkit.hub.to_llama` for TRL. lmkit runs the pieces `recipes/finetune.py` wires together
 (`load_tokenizer`, `load_model`, `build_sft_datasets` on the rows' JSONL file, `apply_lora`, `LMTrainer`,
-`CausalLMCollator`); TRL gets the same token ids pre-tokenized (``input_ids`` + ``completion_mask``,
+`sft_collator`); TRL gets the same token ids pre-tokenized (``input_ids`` + ``completion_mask``,
 ``completion_only_loss=True``), so both learn exactly the same answer tokens. Same micro-batch, maximum length,
 dtype (``--dtype``: bf16 autocast or fp32), fused AdamW, constant learning rate, no warmup, no weight decay, clip
 1.0, no activation checkpointing (TRL's default turns it on; off on both), seed 0.
@@ -136,8 +136,7 @@ def child(spec: dict) -> dict:
         from transformers import set_seed
 
         from lmkit.args import DataArguments, LMTrainingArguments
-        from lmkit.collator import CausalLMCollator
-        from lmkit.finetune import apply_lora, load_model, load_tokenizer, sft_pad_to_multiple_of
+        from lmkit.finetune import apply_lora, load_model, load_tokenizer, sft_collator
         from lmkit.finetune_args import FinetuneArguments
         from lmkit.perf import resolve_attn_implementation
         from lmkit.runtime import configure_allocator
@@ -166,7 +165,7 @@ def child(spec: dict) -> dict:
         if lora:
             set_seed(0)  # the adapters' initial draw: SFTTrainer calls set_seed(args.seed) just before wrapping
             model = apply_lora(model, ft_args)
-        collator = CausalLMCollator(tokenizer.pad_token_id, None, sft_pad_to_multiple_of(ft_args, PROMPT_COMPLETION))
+        collator = sft_collator(tokenizer.pad_token_id, data_args, ft_args, PROMPT_COMPLETION)
         if spec.get("padding_free"):
             collator = padding_free_collator
         collator = CountingCollator(collator, shifted=True)

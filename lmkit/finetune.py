@@ -29,6 +29,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import lmkit  # noqa: F401  (registers the lmkit model with the Auto classes)
 from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, explicit_fields
+from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.hub import load_config, local_path
@@ -45,10 +46,18 @@ def rows_of_one_length(fmt: str, packing: bool) -> bool:
     return packing or fmt == TEXT
 
 
-def sft_pad_to_multiple_of(ft_args: FinetuneArguments, fmt: str) -> int | None:
-    """The collator's ``pad_to_multiple_of``: ``--pad_to_multiple_of`` for unpacked SFT examples, None for rows of
-    one length (a ``--block_size`` that is no multiple of it must not grow every batch)."""
-    return None if rows_of_one_length(fmt, ft_args.packing) else ft_args.pad_to_multiple_of
+def sft_collator(
+    pad_token_id: int, data_args: DataArguments, ft_args: FinetuneArguments, fmt: str
+) -> CausalLMCollator:
+    """recipes/finetune.py's collator. Rows of one length are batched as they are (a ``--block_size`` that is no
+    multiple of ``--pad_to_multiple_of`` must not grow every batch). Unpacked SFT examples vary: a stream pads every
+    batch to ``--block_size`` (`CausalLMCollator.pad_to_length`), in-memory rows to a multiple of
+    ``--pad_to_multiple_of``."""
+    if rows_of_one_length(fmt, ft_args.packing):
+        return CausalLMCollator(pad_token_id)
+    if data_args.streaming:
+        return CausalLMCollator(pad_token_id, pad_to_length=data_args.block_size)
+    return CausalLMCollator(pad_token_id, pad_to_multiple_of=ft_args.pad_to_multiple_of)
 
 
 def default_sft_sampling(args: LMTrainingArguments, data_args: DataArguments, fmt: str, packing: bool) -> None:

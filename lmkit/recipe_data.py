@@ -38,7 +38,7 @@ from lmkit.dpo import (
 )
 from lmkit.dpo_args import PreferenceArguments
 from lmkit.errors import LMKitError
-from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer, sft_pad_to_multiple_of
+from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer, sft_collator
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.preprocess import load_tokenized_finetune, sft_rows_format
 from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
@@ -141,18 +141,13 @@ def finetune_data(
     _add_special_tokens(model_config, tokenizer, n_saved, new_special, tokenizer_spec, model_args.trust_remote_code)
     if tokenized is not None:
         datasets = load_tokenized_finetune(data_args, tokenizer, tokenized, fmt, ft_args)
-        pad_multiple = sft_pad_to_multiple_of(ft_args, fmt)
-        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
+        collator = sft_collator(tokenizer.pad_token_id, data_args, ft_args, fmt)  # (no --streaming here)
         return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
     datasets = build_finetune_datasets(
         data_args, tokenizer, fmt, train_on_prompt=ft_args.train_on_prompt, packing=ft_args.packing, seed=args.seed,
         main_process_first=args.main_process_first,
     )  # fmt: skip
-    stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
-    collator = CausalLMCollator(
-        pad_token_id=tokenizer.pad_token_id, pad_to_length=stream_width,
-        pad_to_multiple_of=sft_pad_to_multiple_of(ft_args, fmt),
-    )  # fmt: skip
+    collator = sft_collator(tokenizer.pad_token_id, data_args, ft_args, fmt)
     return RecipeData(tokenizer, datasets, collator, eos_separates=fmt == TEXT, chat=fmt == CHAT)
 
 

@@ -34,7 +34,6 @@ from lmkit.args import (
     fit_evaluation,
     parse_args,
 )
-from lmkit.collator import CausalLMCollator
 from lmkit.data import use_tokenized_dataset
 from lmkit.distributed import main_process_first
 from lmkit.errors import main_entry
@@ -45,14 +44,14 @@ from lmkit.finetune import (
     load_tokenizer,
     merge_lora,
     prepare_model,
-    sft_pad_to_multiple_of,
+    sft_collator,
 )
 from lmkit.finetune_args import FinetuneArguments
 from lmkit.mixture import held_out_rows
 from lmkit.perf import resolve_attn_implementation
 from lmkit.preprocess import load_tokenized_finetune, sft_rows_format
 from lmkit.runtime import model_size, prepare_run, train_and_save
-from lmkit.sft import CHAT, TEXT, build_finetune_datasets, resolve_chat_template, sft_format
+from lmkit.sft import CHAT, build_finetune_datasets, resolve_chat_template, sft_format
 
 logger = logging.getLogger("lmkit.finetune")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft-full.yaml"
@@ -117,15 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info("model: %s; data: %s, %s train / %d eval rows", model_size(model), fmt, train_rows, n_eval)
 
     # -- train, save and evaluate -----------------------------------------------------------------------------
-    # A stream of unpacked SFT examples pads every batch to --block_size (see CausalLMCollator.pad_to_length), other
-    # unpacked examples to a multiple of --pad_to_multiple_of.
-    stream_width = data_args.block_size if data_args.streaming and fmt != TEXT and not ft_args.packing else None
     trainer, metrics = train_and_save(
         model,
         args,
         datasets["train"],
         datasets["validation"],
-        data_collator=CausalLMCollator(tokenizer.pad_token_id, stream_width, sft_pad_to_multiple_of(ft_args, fmt)),
+        data_collator=sft_collator(tokenizer.pad_token_id, data_args, ft_args, fmt),
         tokenizer=tokenizer,
         resume_from=resume_from,
     )
