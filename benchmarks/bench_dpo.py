@@ -104,8 +104,8 @@ def child(spec: dict) -> dict:
         )
         data = build_preference_dataset(rows, tok, spec["max_length"])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        multiple = FinetuneArguments().pad_to_multiple_of  # recipes/dpo.py's default padding
-        collator = PreferenceCollator(tok.pad_token_id, packing=spec["packed"], pad_to_multiple_of=multiple)
+        # recipes/dpo.py's collator with its default padding
+        collator = PreferenceCollator.from_args(tok.pad_token_id, FinetuneArguments(packing=spec["packed"]))
         r0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
             data = add_reference_logps(data, model, collator, key="bench", cache_dir=Path(cache), batch_size=16)

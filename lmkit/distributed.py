@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmkit.errors import LMKitError, main_entry
+from lmkit.errors import LMKitError, RelayedError, main_entry
 
 logger = logging.getLogger(__name__)
 
@@ -377,15 +377,23 @@ def main_process_first(args: Any, desc: str = "work") -> Iterator[None]:
         try:
             yield
         except BaseException as err:
-            marker.write_text(f"error: {type(err).__name__}: {' '.join(str(err).split())}")
+            kind = LMKitError.__name__ if isinstance(err, LMKitError) else type(err).__name__
+            _write_marker(marker, f"error: {kind}: {' '.join(str(err).split())}")
             raise
-        marker.write_text("done")
+        _write_marker(marker, "done")
         dist.barrier()
         marker.unlink(missing_ok=True)
         return
     _wait_for_marker(marker, main_pid, desc)
     yield
     dist.barrier()
+
+
+def _write_marker(marker: Path, state: str) -> None:
+    """Write whole or not at all: a waiting rank that sees the file reads all of it (rename is atomic)."""
+    partial = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    partial.write_text(state)
+    os.replace(partial, marker)
 
 
 def _wait_for_marker(marker: Path, main_pid: int, desc: str) -> None:
@@ -398,6 +406,8 @@ def _wait_for_marker(marker: Path, main_pid: int, desc: str) -> None:
             logger.info("waiting for the main process to finish %s (%.0f s so far)", desc, last_log - start)
         time.sleep(WAIT_POLL_SECONDS)
     state = marker.read_text()
+    if state.startswith(f"error: {LMKitError.__name__}: "):  # the main process reports the user's error itself
+        raise RelayedError(state.removeprefix(f"error: {LMKitError.__name__}: "))
     if state.startswith("error"):
         raise LMKitError(f"{desc} failed on the main process ({marker}: {state})")
 

@@ -394,6 +394,11 @@ class PreferenceCollator:
     packing: bool = False
     pad_to_multiple_of: int | None = None
 
+    @classmethod
+    def from_args(cls, pad_token_id: int, ft_args: Any) -> PreferenceCollator:
+        """The collator recipes/dpo.py trains with: ``--packing`` and ``--pad_to_multiple_of`` from FinetuneArguments."""
+        return cls(pad_token_id, packing=ft_args.packing, pad_to_multiple_of=ft_args.pad_to_multiple_of)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]

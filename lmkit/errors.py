@@ -41,6 +41,12 @@ class LMKitError(Exception):
     """A problem with what the user gave us (a path, a file, a flag). The message names the field or file."""
 
 
+class RelayedError(LMKitError):
+    """Another process's `LMKitError`, raised again by a rank that waited on it (`lmkit.distributed.
+    main_process_first`). That process reports it: this one leaves the report to it, so the process that failed
+    first releases what it holds (the output dir it created) before the launcher stops everyone."""
+
+
 # What a recipe holds until it ends (the output dir's lock): released before the error line, whatever the outcome.
 _exit_callbacks: list[Callable[[], None]] = []
 
@@ -71,7 +77,7 @@ def main_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LMKitError as err:
             _run_exit_callbacks()  # now: under a launcher the process ends in a signal handler (os._exit), not here
             message = " ".join(str(err).split())  # one line, whatever the message was built from
-            exit_with_error(f"lmkit: error: {message}")
+            exit_with_error(f"lmkit: error: {message}", relayed=isinstance(err, RelayedError))
         finally:
             _run_exit_callbacks()
 
@@ -90,8 +96,10 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def exit_with_error(line: str) -> None:
-    """Print ``line`` as the last line of the run's output and exit non-zero; never returns."""
+def exit_with_error(line: str, relayed: bool = False) -> None:
+    """Print ``line`` as the last line of the run's output and exit non-zero; never returns. ``relayed``: the error
+    is another process's (`RelayedError`), which reports it; this one reports only if that has not happened within
+    `LAUNCHER_GRACE_SECONDS`."""
     sys.stdout.flush()
     launcher = accelerate_launcher_pid() if _accelerate_is_quiet_on_sigterm() else None
     if launcher is None:
@@ -99,7 +107,7 @@ def exit_with_error(line: str) -> None:
         sys.exit(USER_ERROR_EXIT)
 
     # One process per launch reports (several ranks usually hit the same bad input); the others wait to be stopped.
-    reporter = _claim_report(launcher)
+    reporter = False
 
     def on_terminate(signum: int, frame: Any) -> None:
         if reporter:
@@ -112,6 +120,9 @@ def exit_with_error(line: str) -> None:
         os._exit(USER_ERROR_EXIT)
 
     signal.signal(signal.SIGTERM, on_terminate)
+    if relayed:
+        time.sleep(LAUNCHER_GRACE_SECONDS)  # the failing process reports, and the launcher terminates this one
+    reporter = _claim_report(launcher)
     if reporter:
         os.kill(launcher, signal.SIGTERM)
     time.sleep(LAUNCHER_GRACE_SECONDS)  # the launcher terminates this process well before

@@ -174,7 +174,5 @@ def dpo_data(
     settings = {"cache_dir": cache_root(data_args), "num_proc": data_args.preprocessing_num_workers}
     datasets = build_preference_sources(rows, tokenizer, pref_args.max_length, **settings)
     datasets = mix_preference_sources(datasets, data_args, args.seed)
-    collator = PreferenceCollator(
-        pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing, pad_to_multiple_of=ft_args.pad_to_multiple_of
-    )
+    collator = PreferenceCollator.from_args(tokenizer.pad_token_id, ft_args)
     return RecipeData(tokenizer, datasets, collator, preference=True, chat=chat)

@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             settings=row_settings(tokenizer, chat, max_length=pref_args.max_length),
         )  # fmt: skip
         datasets = {"tokenized": {split: d for split, d in pairs.items() if d is not None}}
-    collator = PreferenceCollator(
-        pad_token_id=tokenizer.pad_token_id, packing=ft_args.packing, pad_to_multiple_of=ft_args.pad_to_multiple_of
-    )
+    collator = PreferenceCollator.from_args(tokenizer.pad_token_id, ft_args)
 
     # -- reference log-probs: one pass, cached; then only the policy stays in memory -----------------------------
     if pref_args.needs_reference:

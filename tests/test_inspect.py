@@ -214,7 +214,7 @@ def test_recipe_preference_pairs(tmp_path, checkpoint, capsys):
                      str(tmp_path / "pairs.jsonl"), "--validation_split", "0", "--rows", "2", "--cache_dir",
                      str(tmp_path / "cache"), "--output_dir", str(out)], capsys)  # fmt: skip
     tokenizer, _ = load_tokenizer(str(checkpoint))
-    collate = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=FinetuneArguments().pad_to_multiple_of)
+    collate = PreferenceCollator.from_args(tokenizer.pad_token_id, FinetuneArguments())
     batch = collate([tokenize_pair(p, tokenizer, 64) for p in pairs])  # the recipe's default padding
     assert [r["pair"] for r in rows] == [0, 1]
     for k, row in enumerate(rows):

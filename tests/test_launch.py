@@ -61,6 +61,77 @@ def test_bad_inputs_end_in_one_line_under_accelerate_launch(tmp_path):
         assert not (tmp_path / out).exists()
 
 
+def _fake_launcher(monkeypatch, terminated_during_grace: bool) -> list:
+    """Run `errors.exit_with_error` against a pretend launcher (pid 4242): record what it does, in order. The
+    launcher's SIGTERM arrives during the first grace sleep, or never."""
+    events: list = []
+    handler = {}
+    monkeypatch.setattr(errors, "_accelerate_is_quiet_on_sigterm", lambda: True)
+    monkeypatch.setattr(errors, "accelerate_launcher_pid", lambda: 4242)
+    monkeypatch.setattr(errors, "live_siblings", lambda: [])
+    monkeypatch.setattr(errors, "_claim_report", lambda pid: events.append(("claim", pid)) or True)
+    monkeypatch.setattr(errors.os, "kill", lambda pid, sig: events.append(("kill", pid, sig)))
+    monkeypatch.setattr(errors.signal, "signal", lambda sig, fn: handler.update(fn=fn))
+
+    def exit_(code):
+        events.append(("exit", code))
+        raise SystemExit(code)
+
+    def sleep(seconds):
+        events.append(("sleep", seconds))
+        if terminated_during_grace:
+            handler["fn"](signal.SIGTERM, None)
+
+    monkeypatch.setattr(errors.os, "_exit", exit_)
+    monkeypatch.setattr(errors.time, "sleep", sleep)
+    return events
+
+
+@pytest.mark.parametrize("terminated", [True, False], ids=["launcher-stops-it", "nobody-reported"])
+def test_a_relayed_error_leaves_the_report_to_the_process_that_failed(monkeypatch, capsys, terminated):
+    """A rank that raises another process's error (`RelayedError`) neither claims the report nor stops the launcher
+    at once: the process that failed reports, after releasing what it holds (a race that left an empty output dir
+    behind when the waiting rank won). If no one has stopped it after the grace period, it reports itself."""
+    grace = errors.LAUNCHER_GRACE_SECONDS
+    events = _fake_launcher(monkeypatch, terminated)
+    with pytest.raises(SystemExit):
+        errors.exit_with_error("lmkit: error: --train_files x: no such file", relayed=True)
+    if terminated:
+        assert events == [("sleep", grace), ("exit", 2)]
+        assert capsys.readouterr().err == ""
+    else:
+        assert events == [("sleep", grace), ("claim", 4242), ("kill", 4242, signal.SIGTERM), ("sleep", grace),
+                          ("exit", 2)]  # fmt: skip
+        assert capsys.readouterr().err == "lmkit: error: --train_files x: no such file\n"
+
+
+def test_the_failing_process_reports_at_once(monkeypatch, capsys):
+    events = _fake_launcher(monkeypatch, terminated_during_grace=True)
+    with pytest.raises(SystemExit):
+        errors.exit_with_error("lmkit: error: --train_files x: no such file")
+    grace = errors.LAUNCHER_GRACE_SECONDS
+    assert events == [("claim", 4242), ("kill", 4242, signal.SIGTERM), ("sleep", grace), ("exit", 2)]
+    assert capsys.readouterr().err == "lmkit: error: --train_files x: no such file\n"
+
+
+def test_a_waiting_rank_raises_the_main_process_error_as_relayed(tmp_path):
+    """The marker of a main process that failed on a user error gives the waiting ranks the same message, so
+    whichever rank reports, the line is the user's; any other failure names the marker and the error."""
+    from lmkit.distributed import _wait_for_marker, _write_marker
+
+    marker = tmp_path / "m.done"
+    _write_marker(marker, "error: LMKitError: --train_files x: no such file")
+    with pytest.raises(errors.RelayedError) as raised:
+        _wait_for_marker(marker, os.getpid(), "load corpus")
+    assert str(raised.value) == "--train_files x: no such file"
+    _write_marker(marker, "error: ValueError: boom")
+    with pytest.raises(LMKitError) as raised:
+        _wait_for_marker(marker, os.getpid(), "load corpus")
+    assert type(raised.value) is LMKitError
+    assert str(raised.value) == f"load corpus failed on the main process ({marker}: error: ValueError: boom)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.done"]  # written whole, by rename
+
+
 def test_every_recipe_reports_errors_through_main_entry():
     """The launcher mechanism lives in `main_entry`: every recipe's ``main`` must be wrapped by it, so the rows of
     the bad-input catalogue (run in-process by tests/test_bad_inputs.py) behave under the launcher as above."""
