@@ -109,8 +109,8 @@ def _auto_compile_blocker(args: Any, planned_flops: float | None) -> str | None:
         return "not measured on GPUs yet (benchmarks/gpu_check.sh); pass --torch_compile true"
     if args.world_size > 1 or args.deepspeed:
         return "multi-process CPU runs are not measured with compile; pass --torch_compile true"
-    if args.gradient_checkpointing:
-        return "--gradient_checkpointing"
+    if args.activation_checkpointing:  # transformers 5's name; --gradient_checkpointing is its deprecated alias
+        return "--activation_checkpointing"
     if args.bf16 and not torch.cpu._is_amx_tile_supported():
         # Compiled bf16 on an AVX512-BF16 CPU without AMX gave NaN gradients where eager's were finite.
         return "bf16 on a CPU without AMX"

@@ -139,7 +139,7 @@ def recipe_config(workdir) -> Path:
         "warmup_steps": 0,
         "logging_steps": 1,
         "bf16": True,
-        "gradient_checkpointing": True,
+        "activation_checkpointing": True,
         "eval_strategy": "no",
         "save_strategy": "no",
         "report_to": "none",

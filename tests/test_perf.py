@@ -450,7 +450,7 @@ def test_importing_the_training_modules_changes_nothing():
 def _compile_args(**overrides):
     base = dict(
         torch_compile="auto", torch_compile_auto=True, torch_compile_backend=None, use_cpu=True, world_size=1,
-        deepspeed=None, gradient_checkpointing=False, bf16=False, max_steps=-1, gradient_accumulation_steps=1,
+        deepspeed=None, activation_checkpointing=False, bf16=False, max_steps=-1, gradient_accumulation_steps=1,
         per_device_train_batch_size=4, num_train_epochs=1.0,
     )  # fmt: skip
     return SimpleNamespace(**(base | overrides))
@@ -471,7 +471,7 @@ def _compile_args(**overrides):
         ({"use_cpu": False}, 100, True, True, False, "auto: not measured on GPUs"),
         ({"world_size": 2}, 100, True, True, False, "auto: multi-process CPU runs"),
         ({"deepspeed": "ds.json"}, 100, True, True, False, "auto: multi-process CPU runs"),
-        ({"gradient_checkpointing": True}, 100, True, True, False, "auto: --gradient_checkpointing"),
+        ({"activation_checkpointing": True}, 100, True, True, False, "auto: --activation_checkpointing"),
         ({"torch_compile_auto": False, "torch_compile": False}, 100, True, True, False, "as given"),
         ({"torch_compile_auto": False, "torch_compile": True}, 0.1, True, True, True, "as given"),
     ],

@@ -1,6 +1,7 @@
 """What lmkit writes works in the tools users already have: every model folder (checkpoint-N, the final output, a
-merged LoRA model) loads with ``trust_remote_code=True`` where lmkit cannot be imported, and TRL's trainers take an
-lmkit SFT output as their starting model (TRL is a test-only extra: ``pip install -e .[dev]``)."""
+merged LoRA model) loads with ``trust_remote_code=True`` where lmkit cannot be imported, TRL's trainers take an
+lmkit SFT output as their starting model, and lm-evaluation-harness scores it (TRL and lm-eval are test-only extras:
+``pip install -e .[dev]``)."""
 
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 from _recipes import load_recipe
 from _tiny_checkpoint import REPO, make_checkpoint
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmkit
 
@@ -161,3 +162,50 @@ def test_trl_sft_trains_an_lmkit_output(sft_output, tmp_path):
     assert sorted(k for k in start if not torch.equal(params[k], start[k])) == sorted(start)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_lm_eval_scores_an_lmkit_output_with_its_own_log_likelihoods(sft_output, tmp_path):
+    """EleutherAI's lm-evaluation-harness, as a user types it (`lm_eval --model hf`, a local task YAML, offline), on
+    the SFT output: every choice's log-likelihood it reports equals the model's own, summed over the continuation's
+    tokens. Its batches mix lengths (4 requests of 5-12 tokens), so this also checks the padded path."""
+    rows = [{"context": "ROMEO: ", "choices": ["What is it?", "thou art"], "gold": 0},
+            {"context": "JULIET: O", "choices": [" Romeo", "xq"], "gold": 0}]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "lmkit_choice.yaml").write_text(
+        "task: lmkit_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'rows.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    model_dir = sft_output / "full"
+    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+               f"pretrained={model_dir},trust_remote_code=True,dtype=float32", "--tasks", "lmkit_choice",
+               "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4", "--output_path",
+               str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples,) = (tmp_path / "out").rglob("samples_lmkit_choice_*.jsonl")
+    reported = {}
+    for line in samples.read_text().splitlines():
+        sample = json.loads(line)
+        for request, ((logp, _),) in zip(sample["arguments"].values(), sample["resps"], strict=True):
+            reported[request["arg_0"], request["arg_1"]] = float(logp)
+    # a choice follows the context after the task's default target_delimiter, one space
+    assert sorted(reported) == sorted((r["context"], " " + c) for r in rows for c in r["choices"])
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for (context, continuation), logp in reported.items():
+        # lm-eval moves the context's trailing spaces to the continuation and encodes the whole string once
+        n_spaces = len(context) - len(context.rstrip())
+        context, continuation = context[: len(context) - n_spaces], context[len(context) - n_spaces :] + continuation
+        whole = tok.encode(context + continuation, add_special_tokens=False)
+        n_context = len(tok.encode(context, add_special_tokens=False))
+        with torch.no_grad():
+            logits = model(torch.tensor([whole[:-1]])).logits[0].float()
+        targets = torch.tensor(whole[n_context:])
+        own = torch.log_softmax(logits[n_context - 1 :], -1).gather(-1, targets[:, None]).sum()
+        # the same fp32 model, batched and padded there, one row here: stated tolerance 1e-4 on values of order 10
+        torch.testing.assert_close(torch.tensor(logp), own, atol=1e-4, rtol=1e-5)
