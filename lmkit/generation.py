@@ -6,7 +6,9 @@ Decoding itself is transformers' `generate` with the KV cache on; this module on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
@@ -73,13 +75,35 @@ def generate(
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def _zero3_off() -> Iterator[None]:
+    """Load and sample a whole model on one rank after a ZeRO-3 run. While the run's DeepSpeed config is alive,
+    transformers' `from_pretrained` partitions the new model with `zero.Init`, and `generate` syncs every decoding
+    step across ranks (``synced_gpus``): collectives that the other ranks, already finished, never join. Both consult
+    only this process-wide reference, so hide it for the duration (transformers has no scoped switch:
+    `unset_hf_deepspeed_config` is permanent)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def sample_saved_model(model_dir: str, prompt: str, max_new_tokens: int) -> str:
     """``prompt`` and a sampled continuation (temperature 0.8, top-k 50) from the model saved in ``model_dir``.
 
     A training recipe's closing sample reloads what it saved: a consolidated model even after ZeRO-3 / FSDP, and a
     check that the save loads.
     """
-    model, tokenizer = load_checkpoint(model_dir)
-    sampling = GenerationArguments(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
-    (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer))
+    with _zero3_off():
+        model, tokenizer = load_checkpoint(model_dir)
+        # no further than the model's positions: past them a rotary model samples garbage, and transformers warns
+        room = getattr(model.config, "max_position_embeddings", None)
+        if room is not None:
+            max_new_tokens = max(0, min(max_new_tokens, room - len(tokenizer(prompt).input_ids)))
+        sampling = GenerationArguments(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
+        (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer))
     return prompt + completion

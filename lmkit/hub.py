@@ -136,9 +136,10 @@ def load_checkpoint(
 
 
 def default_export_dir(repo_id: str, fmt: str) -> Path:
-    """``exports/<repo name>`` (``-llama`` appended for the llama format), relative to the working directory."""
+    """``exports/<repo name>`` relative to the working directory; for the llama format ``-llama`` is appended
+    unless the name already ends with it, so the two formats of one repo id do not share a folder."""
     name = repo_id.split("/")[-1]
-    return EXPORTS_ROOT / (f"{name}-llama" if fmt == "llama" else name)
+    return EXPORTS_ROOT / (f"{name}-llama" if fmt == "llama" and not name.endswith("-llama") else name)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -497,7 +498,8 @@ def _usage_lines(repo_id: str, fmt: str) -> list[str]:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        # the tokenizer too: transformers 5's AutoTokenizer reads config.json, whose auto_map otherwise prompts
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{trust})',
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{trust})',
         'inputs = tokenizer("ROMEO:", return_tensors="pt")',
         "out = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)",

@@ -57,6 +57,8 @@ class PreemptionCallback(TrainerCallback):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             self.restore_signals()
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.signum is not None:  # already stopping: keep the signal that asked first (Ctrl-C reaches the
+            return  # launcher too, which then sends SIGTERM: the run still stops "by SIGINT", status 130)
         self.signum = signum
         logger.warning("%s received: saving a checkpoint at the end of this step", signal.Signals(signum).name)
 

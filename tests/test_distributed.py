@@ -287,6 +287,12 @@ def test_zero3_parity_consolidated_save_and_resume(workdir, recipe_config, refer
         "steps",
         "--save_steps",
         "10",
+        # the closing sample on rank 0 after the others have finished: it must neither partition the model it
+        # reloads nor sync its decoding steps across ranks (before lmkit.generation._zero3_off, exit status 1)
+        "--sample_prompt",
+        "ROMEO:",
+        "--sample_max_new_tokens",
+        "8",
     )
     _assert_parity(run, reference)
     _assert_full_model_saved(run, "deepspeed_zero3")

@@ -108,3 +108,29 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, extra, expecte
         load_recipe("generate").main(["--model", str(path), *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_closing_sample_loads_whole_after_zero3_and_stays_within_the_positions(tmp_path, monkeypatch):
+    """The pretraining recipe's closing sample runs on rank 0 after a ZeRO-3 run, whose DeepSpeed config is still
+    alive: the load must not partition the model (`zero.Init` is a collective the finished ranks never join; here, with
+    no process group, it fails at once). The sample stops at the model's 64 positions, however many tokens were asked."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from lmkit.generation import sample_saved_model
+
+    _, tok = make_checkpoint(tmp_path / "model", run_files=False)  # max_position_embeddings 64
+    run_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()
+    from lmkit import generation
+
+    asked = []
+    real_generate = generation.generate
+    monkeypatch.setattr(
+        generation, "generate", lambda m, t, p, cfg: asked.append(cfg.max_new_tokens) or real_generate(m, t, p, cfg)
+    )
+    torch.manual_seed(0)
+    sample = sample_saved_model(str(tmp_path / "model"), "ROMEO:", 500)
+    assert sample.startswith("ROMEO:") and len(tok(sample).input_ids) <= 64
+    assert asked == [64 - len(tok("ROMEO:").input_ids)] == [58]  # the char tokenizer: 6 prompt tokens
+    assert is_deepspeed_zero3_enabled() and run_config.is_zero3()  # the run's config is back in force

@@ -94,6 +94,29 @@ def test_model_card_parses_and_carries_the_metrics(published):
     assert "LlamaForCausalLM" in llama_card and "trust_remote_code" not in llama_card
 
 
+@pytest.mark.parametrize("fmt", ["lmkit", "llama"])
+def test_the_model_cards_usage_code_runs_as_written_without_a_prompt(published, fmt):
+    """The card's Usage block, run as a reader pastes it (the repo id pointed at the export): it generates, and
+    never stops at transformers' "run the custom code? [y/N]" prompt, which `input()` would print here."""
+    _, _, lmkit_folder, llama_folder = published
+    folder = lmkit_folder if fmt == "lmkit" else llama_folder
+    card = (folder / "README.md").read_text()
+    code = card.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code.replace('"me/tiny"', repr(str(folder)))], input="n\n",
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "custom code" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    assert proc.stdout.startswith("ROMEO:"), proc.stdout[-2000:]
+
+
+def test_default_export_dirs_keep_the_two_formats_apart_without_doubling_a_suffix():
+    from lmkit.hub import EXPORTS_ROOT, default_export_dir
+
+    assert default_export_dir("me/tiny", "lmkit") == EXPORTS_ROOT / "tiny"
+    assert default_export_dir("me/tiny", "llama") == EXPORTS_ROOT / "tiny-llama"
+    assert default_export_dir("me/shakespeare-tiny-llama", "llama") == EXPORTS_ROOT / "shakespeare-tiny-llama"
+
+
 def test_publishing_a_dpo_model_lists_its_three_stages(tmp_path):
     ckpt = tmp_path / "dpo"
     make_checkpoint(ckpt)  # its eval_results.json now holds the DPO loss, which is no language-model loss

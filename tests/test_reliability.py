@@ -554,3 +554,20 @@ def test_guard_reads_the_grad_norm_or_scans_the_gradients(grad_norm):
     skipped = grad_norm is None or grad_norm != 1.5
     assert guard.total == int(skipped)
     assert (model.weight.grad is None) == skipped
+
+
+def test_the_first_stop_signal_names_the_stop_and_a_second_ctrl_c_stops_at_once():
+    """Ctrl-C in a terminal reaches accelerate's launcher too, which then sends the run SIGTERM: the run still stops
+    "by SIGINT" (status 130), and another Ctrl-C still stops it at once."""
+    from lmkit.reliability import PreemptionCallback
+
+    callback = PreemptionCallback()
+    callback._handler(signal.SIGINT, None)
+    callback._handler(signal.SIGTERM, None)  # the launcher's, after the Ctrl-C
+    assert callback.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        callback._handler(signal.SIGINT, None)
+    terminated = PreemptionCallback()
+    terminated._handler(signal.SIGTERM, None)
+    terminated._handler(signal.SIGINT, None)  # a stop already asked for by SIGTERM: Ctrl-C adds nothing
+    assert terminated.signum == signal.SIGTERM
