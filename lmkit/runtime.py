@@ -180,8 +180,19 @@ def log_startup(args: TrainingArguments, *dataclasses: Any, threads: str | None 
     logger.info("TrainingArguments (non-default): %s", changed)
 
 
+# What a training run writes into its output dir besides the model (`FINISHED_MODEL_FILES`) and checkpoints: the
+# Trainer's state and metrics, the tokenizer, peft's model card (README.md), the merged LoRA model. A file the user
+# keeps there under one of these names would be replaced without a word; TensorBoard's runs/ only gains files.
+RUN_OUTPUT_NAMES = (
+    "README.md", "trainer_state.json", "training_args.bin", "all_results.json", "train_results.json",
+    "eval_results.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "merged",
+)  # fmt: skip
+
+
 def check_output_dir(args: TrainingArguments) -> None:
-    """Refuse an output dir that is a file, is not writable, or holds a finished model that this run would replace.
+    """Refuse an output dir that is a file, is not writable, holds a finished model that this run would replace, or
+    holds a file under a name the run writes (`RUN_OUTPUT_NAMES`).
 
     A finished model (config.json / model weights in the dir itself) may only be replaced with
     ``--overwrite_output_dir``, or continued with ``--resume_from_checkpoint`` (a path, or ``auto`` when the dir
@@ -201,6 +212,12 @@ def check_output_dir(args: TrainingArguments) -> None:
         raise LMKitError(
             f"--output_dir {out} already holds a finished model ({finished[0]}); pass --overwrite_output_dir to "
             "replace it, --resume_from_checkpoint auto to continue from a checkpoint, or choose another --output_dir"
+        )
+    taken = [name for name in RUN_OUTPUT_NAMES if (out / name).exists()]
+    if taken:
+        raise LMKitError(
+            f"--output_dir {out} holds {taken[0]}, which this run would overwrite; move it, pass "
+            "--overwrite_output_dir to let the run replace it, or choose another --output_dir"
         )
 
 

@@ -403,6 +403,25 @@ def test_finished_model_is_not_overwritten(tmp_path):
     check_output_dir(args)
 
 
+@pytest.mark.parametrize("name", ["README.md", "all_results.json", "merged"])
+def test_a_users_file_under_a_name_the_run_writes_is_not_overwritten(tmp_path, name):
+    """A dir holding the user's notes and a README.md (peft writes its model card there) or a metrics file (the
+    Trainer merges into all_results.json, and crashed on an unreadable one after saving) is refused before the run
+    starts; other files of the user's do not matter, and --overwrite_output_dir lets the run replace them."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / name).mkdir() if name == "merged" else (tmp_path / name).write_text("mine, not JSON")
+    args = LMTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(LMKitError) as raised:
+        check_output_dir(args)
+    assert str(raised.value) == (
+        f"--output_dir {tmp_path} holds {name}, which this run would overwrite; move it, pass --overwrite_output_dir "
+        "to let the run replace it, or choose another --output_dir"
+    )
+    check_output_dir(LMTrainingArguments(output_dir=str(tmp_path), report_to="none", overwrite_output_dir=True))
+    (tmp_path / name).rmdir() if name == "merged" else (tmp_path / name).unlink()
+    check_output_dir(args)  # notes.txt alone: nothing the run writes
+
+
 # -- 6: security -----------------------------------------------------------------------------------------------
 
 
