@@ -17,7 +17,7 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import lmkit.data
-from lmkit.args import DataArguments
+from lmkit.args import DataArguments, ModelArguments
 from lmkit.data import (
     build_lm_datasets,
     build_mixture,
@@ -333,3 +333,42 @@ def test_rows_made_with_other_settings_or_for_another_recipe_are_one_line(tmp_pa
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"lmkit: error: {message}"
         assert not (tmp_path / f"o{i}" / "model.safetensors").exists()
+
+
+def test_pretrain_takes_the_tokenizer_flags_of_a_tokenized_dataset(tmp_path, capsys):
+    """--tokenizer and --vocab_size shaped the dataset: a preset's values follow its manifest (the model's rows are
+    the dataset's vocabulary, not the preset's 2048), the same values pass, other ones are one line."""
+    data_args = _data_args(tmp_path, block_size=4, validation_split=0.05)
+    preprocess(data_args, tmp_path / "tok", seed=1)
+    made = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    pretrain = runpy.run_path(str(REPO / "recipes" / "pretrain.py"))
+    common = [*TINY_PRETRAIN, "--block_size", "4", "--max_position_embeddings", "4", "--max_steps", "1", "--tokenized_dataset",
+              str(tmp_path / "tok"), "--use_cpu", "true", "--bf16", "false"]  # fmt: skip
+    assert made["tokenizer"] == "char" and "--tokenizer" in common  # TINY_PRETRAIN's: the same one
+    pretrain["main"]([*common, "--output_dir", str(tmp_path / "out")])  # the tiny preset says vocab_size 2048
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    tokens = len(AutoTokenizer.from_pretrained(str(tmp_path / "out")))
+    assert config["vocab_size"] == 64 * -(-tokens // 64) < 2048
+    for flag, value, said in (("--tokenizer", "train", "with --tokenizer char (pass that"),
+                              ("--vocab_size", "4096", "without --vocab_size (drop it")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            pretrain["main"]([*common, flag, value, "--output_dir", str(tmp_path / flag)])
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"lmkit: error: {flag} {value}: --tokenized_dataset {tmp_path / 'tok'} was made {said}, or preprocess again)"
+        )
+        assert not (tmp_path / flag).exists()
+    follow = pretrain["follow_manifest"]
+    assert made["vocab_size"] is None  # a character tokenizer has no trained size
+    with pytest.raises(LMKitError) as raised:
+        follow(made, "tok", ModelArguments(vocab_size=4096), "vocab_size")
+    assert (
+        str(raised.value)
+        == "--vocab_size 4096: --tokenized_dataset tok was made without --vocab_size (drop it, or preprocess again)"
+    )
+    with pytest.raises(LMKitError) as raised:
+        follow({**made, "vocab_size": 2048}, "tok", ModelArguments(vocab_size=4096), "vocab_size")
+    assert (
+        str(raised.value)
+        == "--vocab_size 4096: --tokenized_dataset tok was made with --vocab_size 2048 (pass that, or preprocess again)"
+    )
+    follow({**made, "vocab_size": 2048}, "tok", ModelArguments(vocab_size=2048), "vocab_size")  # the same: passes
