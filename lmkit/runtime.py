@@ -272,7 +272,7 @@ def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> 
         if id(param) in seen or id(param) in embedding_ids:
             continue
         seen.add(id(param))
-        total += param.numel()
+        total += getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves an empty local shard
     return total
 
 

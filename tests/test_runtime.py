@@ -70,3 +70,14 @@ def test_train_and_save_resumes_where_the_checkpoint_left_off(tmp_path):
     assert full.keys() == resumed.keys()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def test_parameter_count_of_a_zero3_partitioned_model_is_the_whole_models():
+    """Under ZeRO-3 each parameter's local tensor is an empty shard and DeepSpeed records the full size as
+    ``ds_numel``: the start-up report must count that (it said 262,400 of 1,049,984: the new embedding rows only)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # 40 + 12 + 3
+    assert model_size(model) == "55 parameters"
+    for param in model.parameters():  # what zero.Init leaves on a rank
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    assert model_size(model) == "55 parameters"
