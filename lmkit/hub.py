@@ -70,8 +70,18 @@ def check_model_dir(spec: str) -> Path | None:
     path = local_path(spec)
     if path is None:
         return None
+    if path.is_file():
+        raise LMKitError(f"--model {spec}: a file, not a model folder")
     if not path.is_dir():
         raise LMKitError(f"--model {spec}: no such model folder")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        merged = path / "merged"
+        hint = (
+            f"use {merged}, the merged model"
+            if (merged / "config.json").is_file()
+            else "merge it into its base first (finetune --merge_lora true)"
+        )
+        raise LMKitError(f"--model {spec}: holds a LoRA adapter, not a full model; {hint}")
     if not (path / "config.json").is_file():
         raise LMKitError(
             f"--model {spec}: no config.json, not a saved model folder (a training run writes one at the end)"
