@@ -548,7 +548,13 @@ def _architecture_lines(c: PretrainedConfig, fmt: str, params: int) -> list[str]
 
 def _training_lines(run: RunRecord, datasets: list[str] | None) -> list[str]:
     lines = ["", "## Training data", ""]
-    lines += [", ".join(f"`{d}`" for d in datasets) if datasets else "Not recorded (pass `--datasets` to publish.py)."]
+    if datasets:
+        lines += [", ".join(f"`{d}`" for d in datasets)]
+    elif any(stage.get("data") for stage in run.stages or []):
+        lines += ["Each stage's data is listed under Training stages (pass `--datasets` to publish.py to link hub "
+                  "datasets in the card's metadata)."]  # fmt: skip
+    else:
+        lines += ["Not recorded (pass `--datasets` to publish.py)."]
     if run.state:
         tokens = run.state.get("num_input_tokens_seen")
         lines += ["", f"Tokens seen: {tokens:,}." if tokens else "Tokens seen: not recorded."]

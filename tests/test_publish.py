@@ -137,6 +137,8 @@ def test_publishing_a_dpo_model_lists_its_three_stages(tmp_path):
     ]
     assert [card.text.index(row) for row in rows] == sorted(card.text.index(row) for row in rows)
     assert "(pretrain -> finetune -> dpo (IPO))" in card.text
+    training_data = card.text.split("## Training data\n\n", 1)[1].split("\n", 1)[0]
+    assert training_data.startswith("Each stage's data is listed under Training stages")  # not "Not recorded"
     assert card.data.eval_results is None  # eval_results.json's 3.25 is a preference loss: not claimed as nats/token
 
 
