@@ -106,6 +106,13 @@ class GenerationArguments:
             "help": "A text file with one prompt per line (blank lines skipped), generated in left-padded batches."
         },
     )
+    chat: bool = field(
+        default=False,
+        metadata={
+            "help": "Render each prompt as a user turn with the model's chat template (the answer starts after it), "
+            "as a model fine-tuned on chats expects."
+        },
+    )
     max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per prompt."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens; 0 disables."})

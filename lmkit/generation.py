@@ -13,15 +13,22 @@ from collections.abc import Iterator
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
+from lmkit.errors import LMKitError
 from lmkit.eval_args import GenerationArguments
 from lmkit.hub import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
-def generation_config(args: GenerationArguments, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """Greedy when ``temperature`` is 0, otherwise sampling with temperature, top-k and top-p; always cached."""
+def generation_config(
+    args: GenerationArguments, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
+) -> GenerationConfig:
+    """Greedy when ``temperature`` is 0, otherwise sampling with temperature, top-k and top-p; always cached.
+
+    Generation stops at the tokenizer's EOS, or at any stop token ``model``'s own generation config lists (a chat
+    model fine-tuned by lmkit also stops at its end-of-turn marker)."""
     sample = args.temperature > 0
+    stops = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
@@ -30,10 +37,19 @@ def generation_config(args: GenerationArguments, tokenizer: PreTrainedTokenizerB
         top_p=args.top_p if sample else None,
         repetition_penalty=args.repetition_penalty,
         use_cache=True,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops if stops is not None else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+def chat_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, model: str) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, ending where the assistant's answer starts
+    (``add_generation_prompt``): the form a chat-tuned model was trained on. ``model`` names it in the error."""
+    if not tokenizer.chat_template:
+        raise LMKitError(f"--chat: {model} has no chat template (it was not fine-tuned on chats); drop --chat")
+    turns = ([{"role": "user", "content": prompt}] for prompt in prompts)
+    return [tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) for turn in turns]
 
 
 def encode_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
@@ -105,5 +121,5 @@ def sample_saved_model(model_dir: str, prompt: str, max_new_tokens: int) -> str:
         if room is not None:
             max_new_tokens = max(0, min(max_new_tokens, room - len(tokenizer(prompt).input_ids)))
         sampling = GenerationArguments(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
-        (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer))
+        (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer, model))
     return prompt + completion

@@ -4,6 +4,8 @@
     python recipes/generate.py --model outputs/pretrain --prompt "ROMEO:" --temperature 0      # greedy
     python recipes/generate.py --model outputs/pretrain --prompts_file prompts.txt --output_file out.jsonl
 
+--chat renders each prompt as a user turn with the model's chat template (a model fine-tuned on chats), and
+generation stops at the model's own stop tokens (its end-of-turn marker too).
 Sampling: --temperature (0 = greedy), --top_k, --top_p, --repetition_penalty, --max_new_tokens, --seed (the same
 seed gives the same text). --prompts_file holds one prompt per line; they run --batch_size at a time, left-padded,
 and each completion is printed (and written as JSON lines to --output_file when given). The KV cache is on.
@@ -18,7 +20,7 @@ from pathlib import Path
 from lmkit.args import parse_args
 from lmkit.errors import LMKitError, main_entry
 from lmkit.eval_args import CheckpointArguments, GenerationArguments
-from lmkit.generation import generate, generation_config
+from lmkit.generation import chat_prompts, generate, generation_config
 from lmkit.hub import check_model_dir, load_checkpoint
 from lmkit.runtime import configure_threads, setup_tool_logging
 
@@ -38,15 +40,16 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     # -- model ------------------------------------------------------------------------------------------------
     model, tokenizer = load_checkpoint(ckpt.model, ckpt.dtype, ckpt.trust_remote_code)
-    config = generation_config(gen_args, tokenizer)
+    config = generation_config(gen_args, tokenizer, model)
+    inputs = chat_prompts(prompts, tokenizer, ckpt.model) if gen_args.chat else prompts
 
     # -- generate ---------------------------------------------------------------------------------------------
     if gen_args.prompt is not None:
-        completions = generate(model, tokenizer, prompts, config, seed=gen_args.seed, stream=True)
+        completions = generate(model, tokenizer, inputs, config, seed=gen_args.seed, stream=True)
         return completions
     completions = []
     for start in range(0, len(prompts), gen_args.batch_size):
-        batch = prompts[start : start + gen_args.batch_size]
+        batch = inputs[start : start + gen_args.batch_size]
         # One seed per batch position keeps a prompt's sample independent of how many batches came before it.
         completions += generate(model, tokenizer, batch, config, seed=gen_args.seed + start)
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):

@@ -134,3 +134,45 @@ def test_closing_sample_loads_whole_after_zero3_and_stays_within_the_positions(t
     assert sample.startswith("ROMEO:") and len(tok(sample).input_ids) <= 64
     assert asked == [64 - len(tok("ROMEO:").input_ids)] == [58]  # the char tokenizer: 6 prompt tokens
     assert is_deepspeed_zero3_enabled() and run_config.is_zero3()  # the run's config is back in force
+
+
+TURN = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+
+
+def test_chat_prompts_are_user_turns_and_stop_at_the_models_stop_tokens(tmp_path, capsys):
+    """generate.py --chat: each prompt becomes a user turn in the model's chat template, the answer starts after
+    it, and decoding stops at any stop token in the model's generation config (here a second one, as a chat model
+    fine-tuned by lmkit lists its end-of-turn marker), not only at the tokenizer's EOS."""
+    model, tok = make_checkpoint(tmp_path / "chat", run_files=False)
+    tok.chat_template = TURN
+    tok.save_pretrained(tmp_path / "chat")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "USER: Hi\nASSISTANT:"
+    ids = encode_prompts([rendered], tok)
+    with torch.no_grad():  # the greedy answer's third token becomes the model's extra stop token
+        free = model.generate(**ids, generation_config=generation_config(greedy(), tok))[
+            0, ids["input_ids"].shape[1] :
+        ]
+    stop = int(free[2])
+    assert stop != tok.eos_token_id and int(free[0]) != stop and int(free[1]) != stop
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    model.save_pretrained(tmp_path / "chat")
+
+    out = load_recipe("generate").main(["--model", str(tmp_path / "chat"), "--prompts_file", str(_prompts(tmp_path)),
+                                        "--chat", "true", "--temperature", "0", "--max_new_tokens", "24"])  # fmt: skip
+    # up to and with the stop token (a chat model's marker is a special token, dropped from the text; this is not)
+    assert len(free) == 24 and out == [tok.decode(free[:3], skip_special_tokens=True)]
+    assert f"===== 0: Hi\nHi{out[0]}" in capsys.readouterr().out  # printed with the user's prompt
+    bare = tmp_path / "bare"
+    make_checkpoint(bare, run_files=False)
+    with pytest.raises(SystemExit):
+        load_recipe("generate").main(["--model", str(bare), "--prompt", "Hi", "--chat", "true"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"lmkit: error: --chat: {bare} has no chat template (it was not fine-tuned on chats); drop --chat"
+    )
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Hi\n")
+    return path
