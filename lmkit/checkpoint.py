@@ -2,10 +2,13 @@
 
 - A checkpoint is written into ``OUTPUT_DIR/.tmp-checkpoint-N/checkpoint-N``, fsynced, then renamed to
   ``OUTPUT_DIR/checkpoint-N``: a visible ``checkpoint-*`` folder is always complete, whatever kills the process.
-  Rotation (``--save_total_limit``, keeping the newest and the best checkpoint) runs once, after the rename.
+  Rotation (``--save_total_limit``, keeping the newest and the best checkpoint) runs once, after the rename, and
+  only ever deletes complete checkpoints: a ``checkpoint-N`` folder that is not one (a user's, another tool's) is
+  left alone, with a warning.
 - ``--resume_from_checkpoint auto`` picks the newest *complete* checkpoint (`complete_checkpoints`: trainer state
-  readable, safetensors weights present and whole), so folders written by other tools are judged the same way; a
-  checkpoint is checked against the model before its weights are loaded (`check_checkpoint_matches_model`).
+  readable, safetensors weights present and whole, the optimizer and scheduler state the Trainer resumes from
+  present and readable), so folders written by other tools are judged the same way; a checkpoint is checked
+  against the model before its weights are loaded (`check_checkpoint_matches_model`).
 - The finished model is staged the same way and its files are moved into the output dir one by one, ``config.json``
   last (the file that marks an output dir as holding a finished model, see `FINISHED_MODEL_FILES`).
 - Training data that can say where it stands (the `ResumableData` protocol: `lmkit.data.PackedStream` today, a data
@@ -30,13 +33,14 @@ import re
 import shutil
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from transformers import TrainerCallback, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmkit.errors import LMKitError
 
@@ -54,6 +58,12 @@ STAGING_PREFIX = ".tmp-"
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS = "training_args.bin"
 STREAM_POSITION = "stream_position.json"
+# The optimizer / scheduler state `Trainer._save_optimizer_and_scheduler` writes, and the names under which FSDP
+# (accelerate's save_fsdp_optimizer: optimizer.bin, or an optimizer_N/ folder) and DeepSpeed (global_stepN/) keep it.
+OPTIMIZER_STATE = "optimizer.pt"
+SCHEDULER_STATE = "scheduler.pt"
+FSDP_OPTIMIZER_STATE = "optimizer.bin"
+DEEPSPEED_STATE_PREFIX = "global_step"
 # Errnos that mean "this storage cannot take the write": the run stops with a message instead of a traceback.
 WRITE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE}
@@ -87,8 +97,12 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() else None
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete, loadable-looking checkpoint (None when it is). Reads headers only."""
+def checkpoint_problem(path: Path, optimizer_state: bool = True) -> str | None:
+    """Why ``path`` is not a complete, loadable-looking checkpoint (None when it is). Reads headers only.
+
+    ``optimizer_state=False`` accepts a checkpoint without optimizer and scheduler state (``--save_only_model``
+    writes none: such a checkpoint holds weights, but training cannot resume from it).
+    """
     if not path.is_dir():
         return "no such checkpoint directory"
     state = path / TRAINER_STATE
@@ -102,13 +116,55 @@ def checkpoint_problem(path: Path) -> str | None:
     if not weights:
         if any((path / name).is_file() for name in (*PICKLE_WEIGHTS, ADAPTER_PICKLE)):
             return "the weights are a pickle (pytorch_model.bin); lmkit only loads safetensors"
-        if not any(p.is_dir() and p.name.startswith(("pytorch_model_fsdp", "global_step")) for p in path.iterdir()):
+        shards = ("pytorch_model_fsdp", DEEPSPEED_STATE_PREFIX)
+        if not any(p.is_dir() and p.name.startswith(shards) for p in path.iterdir()):
             return "no model weights (model.safetensors)"
-        return None  # FSDP / DeepSpeed shards: their loaders check them
+        # FSDP / DeepSpeed shards: their loaders check them
     for name in weights:
         if name.endswith(".safetensors") and (problem := safetensors_problem(path / name)):
             return f"{name} is corrupted ({problem})"
+    if optimizer_state and (problem := _missing_resume_state(path)):
+        return problem
+    for file in sorted(path.iterdir()):
+        if _is_resume_state(file.name) and file.is_file() and not _is_torch_file(file):
+            return f"{file.name} is damaged (not a readable torch file)"
     return None
+
+
+def _missing_resume_state(path: Path) -> str | None:
+    # As `Trainer._load_optimizer_and_scheduler` (transformers 5) decides: under DeepSpeed the optimizer (and a
+    # DeepSpeed scheduler) live in global_stepN/, which DeepSpeed's loader checks; otherwise the Trainer loads the
+    # optimizer and the scheduler only when both are there, and silently starts both afresh (warmup included) when
+    # either is missing.
+    folders = [p.name for p in path.iterdir() if p.is_dir()]
+    if any(name.startswith(DEEPSPEED_STATE_PREFIX) for name in folders):
+        return None
+    optimizer = (
+        (path / OPTIMIZER_STATE).is_file()
+        or (path / FSDP_OPTIMIZER_STATE).is_file()
+        or any("optimizer" in name for name in folders)
+    )
+    if not optimizer:
+        return f"incomplete checkpoint (no {OPTIMIZER_STATE}, the optimizer state)"
+    if not (path / SCHEDULER_STATE).is_file():
+        return f"incomplete checkpoint (no {SCHEDULER_STATE}, the learning-rate schedule's state)"
+    return None
+
+
+def _is_resume_state(name: str) -> bool:
+    """The Trainer's torch.save files that a resume loads: optimizer, scheduler, grad scaler, RNG states."""
+    return name in (OPTIMIZER_STATE, FSDP_OPTIMIZER_STATE, SCHEDULER_STATE, "scaler.pt") or (
+        name.startswith("rng_state") and name.endswith(".pth")
+    )
+
+
+def _is_torch_file(file: Path) -> bool:
+    """A cheap structural check of a torch.save file (a zip archive): its central directory, at the end, reads."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            return bool(archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def safetensors_problem(file: Path) -> str | None:
@@ -171,6 +227,13 @@ def check_resume_checkpoint(path: str | Path) -> None:
 def check_checkpoint_matches_model(path: str | Path, model: torch.nn.Module) -> None:
     """Raise `LMKitError` when the checkpoint at ``path`` holds another architecture or other tensor shapes."""
     path = Path(path)
+    holds_adapter = (path / ADAPTER_WEIGHTS).is_file() and not any((path / n).is_file() for n in MODEL_WEIGHTS)
+    if holds_adapter and getattr(model, "peft_config", None) is None:
+        raise LMKitError(
+            f"--resume_from_checkpoint {path}: the checkpoint holds a LoRA adapter ({ADAPTER_WEIGHTS}), not the "
+            "full model this run trains, so it cannot resume from it (resume it with recipes/finetune.py "
+            "--use_lora true)"
+        )
     config_file = path / "config.json"
     config = getattr(model, "config", None)
     if config_file.is_file() and config is not None:
@@ -198,6 +261,43 @@ def check_checkpoint_matches_model(path: str | Path, model: torch.nn.Module) -> 
             f"--resume_from_checkpoint {path}: the checkpoint lacks {len(missing)} of this model's tensors "
             f"(first: {missing[0]}); it was saved from a different architecture"
         )
+
+
+def rotate_checkpoints(
+    output_dir: str | Path,
+    save_total_limit: int | None,
+    newest: Path,
+    best_model_checkpoint: str | None = None,
+    optimizer_state: bool = True,
+) -> list[tuple[Path, str]]:
+    """Delete the oldest complete checkpoints of ``output_dir`` beyond ``save_total_limit``, never ``newest`` or the
+    best one; returns the ``checkpoint-N`` folders left alone as not complete checkpoints, with why.
+
+    Only what `checkpoint_problem` accepts is deleted: a folder named like a checkpoint that is not one (a user's
+    own ``checkpoint-1``, another tool's half-written one) is not this component's to delete. Oldest is by mtime
+    (a checkpoint of an abandoned timeline, resumed from an earlier one, goes first), then by step.
+    """
+    out = Path(output_dir)
+    if not save_total_limit or save_total_limit <= 0 or not out.is_dir():
+        return []
+    complete, foreign = [], []
+    for path in out.iterdir():
+        if path.is_dir() and checkpoint_step(path) is not None:
+            problem = checkpoint_problem(path, optimizer_state)
+            if problem:
+                foreign.append((path, problem))
+            else:
+                complete.append((path.stat().st_mtime, checkpoint_step(path), path))
+    protected = {Path(newest)} | ({Path(best_model_checkpoint)} if best_model_checkpoint else set())
+    keep = max(save_total_limit, len(protected & {path for _, _, path in complete}))
+    remaining = len(complete)
+    for _, _, path in sorted(complete):
+        if remaining <= keep:
+            break
+        if path not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            remaining -= 1
+    return sorted(foreign)
 
 
 def remove_stale_staging(output_dir: str | Path) -> None:
@@ -320,6 +420,7 @@ class Checkpointer(TrainerCallback):
         self._hidden: dict[str, Any] = {}  # fields of `args` set aside while `training` runs -> the user's values
         self._rng_checkpoint: str | None = None
         self._positioned = False
+        self._left_alone: set[Path] = set()  # checkpoint-N folders rotation did not delete (warned once each)
 
     # -- the span of one Trainer.train call ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -394,12 +495,17 @@ class Checkpointer(TrainerCallback):
             except OSError as err:
                 shutil.rmtree(staging_root, ignore_errors=True)
                 raise _write_error(name, run, err.errno or errno.EIO) from err
-            rotate_checkpoints(
-                output_dir=str(run),
+            left_alone = rotate_checkpoints(
+                output_dir=run,
                 save_total_limit=self._hidden.get("save_total_limit", args.save_total_limit),
+                newest=final,
                 best_model_checkpoint=state.best_model_checkpoint,
-                use_mtime=True,
+                optimizer_state=not args.save_only_model,
             )
+            for path, problem in left_alone:
+                if path not in self._left_alone:
+                    self._left_alone.add(path)
+                    logger.warning("--save_total_limit: leaving %s alone: %s", path, problem)
         self._barrier()
         return final
 

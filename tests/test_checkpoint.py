@@ -1,4 +1,5 @@
-"""lmkit.checkpoint.Checkpointer: data state found by protocol, write errors classified by errno, rotation once.
+"""lmkit.checkpoint.Checkpointer: data state found by protocol, write errors classified by errno, rotation once,
+what a complete checkpoint holds, and rotation that deletes nothing else.
 
 The whole-run behaviours (exact resume, kill -9 during a save, auto-resume skipping broken checkpoints) are in
 test_reliability.py, test_streaming_resume.py and test_soak.py; these tests pin the component's own rules.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import resource
+import shutil
 import signal
 import traceback
 from collections.abc import Callable
@@ -21,12 +24,23 @@ import torch
 import transformers.trainer
 from conftest import cpu_args, tiny_model
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 import lmkit.checkpoint
-from lmkit.checkpoint import STREAM_POSITION, ResumableData, write_errno
+from lmkit.args import LMTrainingArguments
+from lmkit.checkpoint import (
+    STREAM_POSITION,
+    ResumableData,
+    check_checkpoint_matches_model,
+    check_resume_checkpoint,
+    checkpoint_problem,
+    complete_checkpoints,
+    write_errno,
+)
 from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
+from lmkit.runtime import resolve_resume_checkpoint
 from lmkit.trainer import LMTrainer
 
 VOCAB = 97
@@ -62,14 +76,16 @@ class StateWithoutHistory(ToyStream):
     state_dict_after = None
 
 
-def make_trainer(out: Path, data: Any, eval_dataset: Any = None, **overrides: Any) -> LMTrainer:
+def make_trainer(
+    out: Path, data: Any, eval_dataset: Any = None, model: torch.nn.Module | None = None, **overrides: Any
+) -> LMTrainer:
     defaults = dict(
         per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=1e-2, seed=3,
         logging_steps=1, dataloader_num_workers=0,
     )  # fmt: skip
     args = cpu_args(out, **{**defaults, **overrides})
     return LMTrainer(
-        model=tiny_model(seed=1),
+        model=model if model is not None else tiny_model(seed=1),
         args=args,
         train_dataset=data,
         eval_dataset=eval_dataset,
@@ -224,3 +240,117 @@ def test_rotation_runs_once_per_save_and_keeps_newest_and_best(tmp_path, monkeyp
     assert trainer.args.save_total_limit == 1  # given back after `train`, and as the user gave it in the checkpoint
     saved_args = torch.load(tmp_path / "checkpoint-8" / "training_args.bin", weights_only=False)
     assert saved_args.save_total_limit == 1
+
+
+def test_rotation_never_deletes_a_folder_that_is_not_a_checkpoint(tmp_path, caplog):
+    foreign = tmp_path / "checkpoint-1"  # the user's own folder, named like a checkpoint
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING, logger="lmkit"):
+        make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), max_steps=6, save_total_limit=1).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-6"]
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
+    # said once, not at each of the three saves
+    assert [m for m in caplog.messages if "--save_total_limit" in m] == [
+        f"--save_total_limit: leaving {foreign} alone: incomplete checkpoint (no trainer_state.json)"
+    ]
+
+
+def test_rotation_of_model_only_checkpoints(tmp_path):
+    # --save_only_model writes no optimizer state: not resumable, but these are the run's own checkpoints to rotate
+    make_trainer(tmp_path, Dataset.from_dict({"input_ids": ROWS}), save_only_model=True, save_total_limit=1).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert not (tmp_path / "checkpoint-6" / "optimizer.pt").exists()
+
+
+# -- what a complete checkpoint holds ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoint-2 and checkpoint-4 (copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("run")
+    make_trainer(out, Dataset.from_dict({"input_ids": ROWS}), max_steps=4).train()
+    return out
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "state_file, why",
+    [
+        ("optimizer.pt", "incomplete checkpoint (no optimizer.pt, the optimizer state)"),
+        ("scheduler.pt", "incomplete checkpoint (no scheduler.pt, the learning-rate schedule's state)"),
+    ],
+)
+def test_checkpoint_without_optimizer_or_scheduler_state_is_incomplete(run_dir, tmp_path, caplog, state_file, why):
+    # The Trainer would resume it with a fresh optimizer and schedule (warmup again): a silently different run.
+    out = copy_run(run_dir, tmp_path)
+    (out / "checkpoint-4" / state_file).unlink()
+    args = LMTrainingArguments(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoint-4"), report_to="none")
+    with pytest.raises(LMKitError) as err:
+        resolve_resume_checkpoint(args)
+    assert str(err.value) == f"--resume_from_checkpoint {out / 'checkpoint-4'}: {why}"
+
+    args.resume_from_checkpoint = "auto"
+    with caplog.at_level(logging.WARNING, logger="lmkit"):
+        assert resolve_resume_checkpoint(args) == str(out / "checkpoint-2")
+    assert caplog.messages == [f"skipping {out / 'checkpoint-4'}: {why}"]
+    resumed = make_trainer(out, Dataset.from_dict({"input_ids": ROWS}), max_steps=4)
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        resumed.train(resume_from_checkpoint=True)  # the Trainer's own pick skips it too
+    # steps 1-2 come from checkpoint-2's history, 3-4 are trained again: the same losses, schedule and optimizer
+    reference = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert losses(resumed) == {e["step"]: e["loss"] for e in reference if "loss" in e}
+    rates = [e["learning_rate"] for e in resumed.state.log_history if "loss" in e]
+    assert rates == pytest.approx([0, 0.01, 0.0075, 0.0025])  # one warmup, then the decay: no restart at step 3
+
+
+@pytest.mark.parametrize("state_file", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_damaged_resume_state_is_one_line_and_auto_skips_it(run_dir, tmp_path, state_file):
+    out = copy_run(run_dir, tmp_path)
+    os.truncate(out / "checkpoint-4" / state_file, 1000)  # a copy cut short
+    with pytest.raises(LMKitError) as err:
+        check_resume_checkpoint(out / "checkpoint-4")
+    assert str(err.value) == (
+        f"--resume_from_checkpoint {out / 'checkpoint-4'}: {state_file} is damaged (not a readable torch file)"
+    )
+    assert complete_checkpoints(out) == [out / "checkpoint-2"]
+
+
+def test_optimizer_state_where_fsdp_deepspeed_and_save_only_model_keep_it(run_dir, tmp_path):
+    # As Trainer._load_optimizer_and_scheduler looks for it (transformers 5); the shard folders' loaders check them
+    ckpt = copy_run(run_dir, tmp_path) / "checkpoint-4"
+    (ckpt / "optimizer.pt").rename(ckpt / "optimizer.bin")  # FSDP, FULL_STATE_DICT
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "optimizer.bin").unlink()
+    (ckpt / "optimizer_0").mkdir()  # FSDP, SHARDED_STATE_DICT
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "scheduler.pt").unlink()
+    assert checkpoint_problem(ckpt) == "incomplete checkpoint (no scheduler.pt, the learning-rate schedule's state)"
+    shutil.rmtree(ckpt / "optimizer_0")
+    assert checkpoint_problem(ckpt, optimizer_state=False) is None  # --save_only_model: weights only
+    (ckpt / "global_step4").mkdir()  # DeepSpeed: optimizer and (its own) scheduler in there
+    (ckpt / "model.safetensors").unlink()  # ZeRO-3 without consolidated weights
+    assert checkpoint_problem(ckpt) is None
+
+
+def test_full_model_run_refuses_a_lora_adapter_checkpoint(tmp_path):
+    data = Dataset.from_dict({"input_ids": ROWS})
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lora = get_peft_model(tiny_model(seed=1), config)
+    make_trainer(tmp_path / "lora", data, model=lora, max_steps=2).train()
+    ckpt = tmp_path / "lora" / "checkpoint-2"
+    assert checkpoint_problem(ckpt) is None and (ckpt / "adapter_model.safetensors").is_file()
+    check_checkpoint_matches_model(ckpt, lora)  # the adapter's own run resumes it
+    with pytest.raises(LMKitError) as err:
+        make_trainer(tmp_path / "full", data, max_steps=4).train(resume_from_checkpoint=str(ckpt))
+    assert str(err.value) == (
+        f"--resume_from_checkpoint {ckpt}: the checkpoint holds a LoRA adapter (adapter_model.safetensors), not the "
+        "full model this run trains, so it cannot resume from it (resume it with recipes/finetune.py --use_lora true)"
+    )
+    assert not (tmp_path / "full").exists() or not list((tmp_path / "full").glob("checkpoint-*"))
