@@ -201,8 +201,9 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete ``checkpoint-N`` folders of ``output_dir``, oldest step first; incomplete ones are logged and skipped."""
+def complete_checkpoints(output_dir: str | Path, log: bool = True) -> list[Path]:
+    """Complete ``checkpoint-N`` folders of ``output_dir``, oldest step first; incomplete ones are skipped (and
+    logged, unless ``log`` is False: a check whose caller logs the same scan later)."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
@@ -211,7 +212,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     for _, path in found:
         problem = checkpoint_problem(path)
         if problem:
-            logger.warning("skipping %s: %s", path, problem)
+            if log:
+                logger.warning("skipping %s: %s", path, problem)
         else:
             complete.append(path)
     return complete

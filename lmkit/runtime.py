@@ -205,7 +205,7 @@ def check_output_dir(args: TrainingArguments) -> None:
     if getattr(args, "overwrite_output_dir", False):
         return
     resume = args.resume_from_checkpoint
-    if resume and (resume != "auto" or complete_checkpoints(out)):
+    if resume and (resume != "auto" or complete_checkpoints(out, log=False)):  # resolve_resume_checkpoint logs
         return
     finished = [name for name in FINISHED_MODEL_FILES if (out / name).exists()]
     if finished:

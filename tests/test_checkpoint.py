@@ -40,7 +40,7 @@ from lmkit.checkpoint import (
 )
 from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
-from lmkit.runtime import resolve_resume_checkpoint
+from lmkit.runtime import check_output_dir, resolve_resume_checkpoint
 from lmkit.trainer import LMTrainer
 
 VOCAB = 97
@@ -298,6 +298,7 @@ def test_checkpoint_without_optimizer_or_scheduler_state_is_incomplete(run_dir, 
 
     args.resume_from_checkpoint = "auto"
     with caplog.at_level(logging.WARNING, logger="lmkit"):
+        check_output_dir(args)  # a recipe's order (prepare_run): the dir, then the resume; one line between them
         assert resolve_resume_checkpoint(args) == str(out / "checkpoint-2")
     assert caplog.messages == [f"skipping {out / 'checkpoint-4'}: {why}"]
     resumed = make_trainer(out, Dataset.from_dict({"input_ids": ROWS}), max_steps=4)
