@@ -6,6 +6,7 @@ and adds its own fields, grouped by concern below. YAML keys are exactly the dat
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
@@ -372,18 +373,29 @@ class _Parser(HfArgumentParser):
         raise LMKitError(message)
 
 
-def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
+def _yaml_to_argv(config: dict[str, Any], parser: _Parser, path: str | Path) -> list[str]:
+    """The command-line flags of a YAML ``config`` (from ``path``), each value checked as its flag's parser checks
+    it: a value of the wrong shape (a list for a single value) or type raises `LMKitError` naming the key and the
+    file, where the command line would name neither (``block_size: [1, 2]`` reads as ``--block_size 1 2``)."""
     argv: list[str] = []
     for key, value in config.items():
         if value is None:
             continue
-        argv.append(f"--{key}")
-        if isinstance(value, list):  # a list of mappings (--datasets): each one JSON string
-            argv.extend(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
+        action = parser._option_string_actions[f"--{key}"]
+        many = action.nargs in ("+", "*")  # a list flag also takes one value
+        values = value if isinstance(value, list) else [value]
+        if (isinstance(value, list) and not many) or any(isinstance(v, list) for v in values):
+            wanted = "a list of single values" if many else "a single value"
+            raise LMKitError(f"--config {path}: {key} takes {wanted}, got {value!r}")
+        if not values and action.nargs == "+":
+            raise LMKitError(f"--config {path}: {key} takes at least one value, got []")
+        # a mapping (a --datasets source, a JSON-valued flag) travels as one JSON string
+        strings = [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
+        try:
+            parser._get_values(action, strings)  # argparse's own type and choices checks
+        except argparse.ArgumentError as err:
+            raise LMKitError(f"--config {path}: {key}: {err.message}") from err
+        argv += [f"--{key}", *strings]
     return argv
 
 
@@ -428,7 +440,7 @@ def parse_args(
         unknown = sorted(set(config) - known)
         if unknown:
             raise LMKitError(f"--config {config_path}: unknown config key(s): {', '.join(unknown)}")
-        yaml_argv = _yaml_to_argv(config)
+        yaml_argv = _yaml_to_argv(config, parser, config_path)
     try:
         *groups, rest = parser.parse_args_into_dataclasses(
             args=yaml_argv + argv, look_for_args_file=False, return_remaining_strings=True
@@ -504,9 +516,22 @@ def check_block_size(
     data_args: DataArguments, args: LMTrainingArguments, max_positions: int | None, limit: str
 ) -> None:
     """The data checks a training recipe runs before its start-up report (which then shows the fitted values):
-    ``--streaming`` needs ``--max_steps``, and ``--block_size`` fits the model (see `fit_block_size`)."""
+    ``--streaming`` needs ``--max_steps``, ``--block_size`` fits the model (see `fit_block_size`), and evaluation
+    has validation data (see `check_validation`)."""
     check_streaming(data_args, args)
     fit_block_size(data_args, max_positions, limit)
+    check_validation(data_args, args)
+
+
+def check_validation(data_args: DataArguments, args: LMTrainingArguments) -> None:
+    """`fit_evaluation` when the flags alone say there is no validation data: ``--validation_split 0`` and only
+    files (no ``--validation_files``, no hub dataset, which may bring a "validation" split, no
+    ``--tokenized_dataset``, whose manifest says). Evaluation asked for then raises `LMKitError` before any data is
+    read; a preset's is turned off."""
+    if data_args.validation_split > 0 or data_args.validation_files or data_args.tokenized_dataset is not None:
+        return
+    if all(source.dataset_name is None for source in parse_sources(data_args)):
+        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
 
 
 _EVAL_FLAGS = ("eval_strategy", "eval_on_start", "load_best_model_at_end")

@@ -42,13 +42,14 @@ from lmkit.rows import (
     is_held_out,
     json_rows,
     text_row_problem,
-    utf8_error_offset,
+    utf8_problem,
 )
 
 logger = logging.getLogger(__name__)
 
 # Extension -> `datasets` packaged builder. ".json" is read as JSON lines (a top-level JSON array also works).
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BINARY_SNIFF = 8000  # bytes of a text or JSON file searched for a NUL byte, which no text holds (as git does)
 STREAMING_EVAL_BLOCKS = 1024
 _TOKENIZE_BATCH = 1000  # documents per tokenizer call (a stream), the fewest per `datasets.map` tokenizing batch
 _PACK_BATCH = 10_000  # documents per packing batch: bounds memory, never changes the blocks
@@ -81,8 +82,9 @@ def resolve_data_files(patterns: list[str], field: str) -> list[Path]:
     """Expand files, directories (recursively, supported extensions only) and globs into a sorted file list.
 
     ``field`` is the flag the patterns came from (e.g. ``"--train_files"``); every `LMKitError` names it and the
-    offending path: a missing path, a glob or directory that matches nothing, an empty file, an unsupported
-    extension, or files of more than one format.
+    offending path: a missing path, a glob or directory that matches nothing, an empty file, a text or JSON file
+    that holds no text (only whitespace, or binary: `_text_file_problem`), an unsupported extension, or files of
+    more than one format.
     """
     files: list[Path] = []
     for pattern in patterns:
@@ -105,6 +107,8 @@ def resolve_data_files(patterns: list[str], field: str) -> list[Path]:
             raise LMKitError(f"{field} {file}: unsupported file type (use {', '.join(FORMATS)})")
         if file.stat().st_size == 0:
             raise LMKitError(f"{field} {file}: the file is empty")
+        if FORMATS[file.suffix.lower()] != "parquet" and (problem := _text_file_problem(file)):
+            raise LMKitError(f"{field} {file}: {problem}")
     by_format: dict[str, Path] = {}
     for file in resolved:
         by_format.setdefault(FORMATS[file.suffix.lower()], file)
@@ -112,6 +116,22 @@ def resolve_data_files(patterns: list[str], field: str) -> list[Path]:
         examples = ", ".join(f"{fmt} ({file})" for fmt, file in by_format.items())
         raise LMKitError(f"{field}: files of different formats cannot be mixed: {examples}")
     return resolved
+
+
+def _text_file_problem(file: Path, chunk_size: int = 1 << 20) -> str | None:
+    """Why a text or JSON ``file`` holds no text, or None. Binary: a NUL byte in its first `_BINARY_SNIFF` bytes
+    (`datasets` would even take a file of NULs for an empty tar archive). Blank: nothing but whitespace, read
+    until the first other byte (at once, for a file of text)."""
+    with open(file, "rb") as f:
+        head = f.read(_BINARY_SNIFF)
+        if (nul := head.find(b"\0")) >= 0:
+            return f"a binary file, not text (NUL byte at offset {nul})"
+        chunk = head
+        while chunk:
+            if chunk.strip():
+                return None
+            chunk = f.read(chunk_size)
+    return "holds no text (only whitespace)"
 
 
 def _files_in_dir(directory: Path, field: str) -> list[Path]:
@@ -233,7 +253,8 @@ def load_files(
     if not data_args.streaming:  # (a stream is checked row by row while it is tokenized)
         table = ds.data
         bad = column not in ds.column_names or not pa.types.is_string(table.schema.field(column).type)
-        if bad or table.column(column).null_count:
+        # pyarrow's JSON reader keeps the bytes of a string as they are: check they are UTF-8 (`utf8_problem`)
+        if bad or table.column(column).null_count or (builder == "json" and not _valid_utf8(table.column(column))):
             problem = _diagnose(files, builder, column, field, column_flag)
             raise LMKitError(problem or f"{field}: column {column!r} is missing or not text (see {column_flag})")
     ds = _text_column(ds, column, field, column_flag)
@@ -242,6 +263,18 @@ def load_files(
     if not data_args.streaming:
         release_pages(ds.data)  # opening the table read each record batch's header (and its neighbours)
     return ds
+
+
+def _valid_utf8(column: pa.ChunkedArray) -> bool:
+    """Whether every string of ``column`` (memory-mapped) is UTF-8, read one chunk at a time (its pages given back)."""
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            return False
+        finally:
+            release_pages(chunk)
+    return True
 
 
 def _no_documents(files: list[Path], field: str) -> str:
@@ -261,8 +294,8 @@ def _text_column(
 def _diagnose(files: list[Path], builder: str, column: str, field: str, column_flag: str) -> str | None:
     """The first user-fixable problem in ``files`` as a one-line message, or None. Only run after a failure."""
     for file in files:
-        if builder in ("text", "json") and (offset := utf8_error_offset(file)) is not None:
-            return f"{field} {file}: not UTF-8 text (invalid byte at offset {offset})"
+        if builder in ("text", "json") and (problem := utf8_problem(file, field)):
+            return problem
         if builder == "json" and (problem := _json_problem(file, column, field)):
             return f"{problem} (see {column_flag})"
         if builder == "parquet":

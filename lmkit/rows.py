@@ -1,7 +1,7 @@
 """Reading, checking and holding out rows: the rules the pretraining, SFT and preference data share.
 
 - `json_rows` reads a JSON-lines file (or one holding a single JSON array) as (where, row) pairs; a file that is
-  not UTF-8 or not JSON raises `LMKitError` naming the flag, the file and the line (or byte offset).
+  not UTF-8 (`utf8_problem`) or not JSON raises `LMKitError` naming the flag, the file and the line (or byte offset).
 - One check per kind of row, each returning what is wrong (``None``: nothing): `text_row_problem` (a pretraining
   document), `prompt_completion_problem` and `chat_problem` (SFT examples), and `messages_problem` for the
   messages of any conversation. Callers put the flag, file and line in front: ``"--train_files FILE:LINE: ..."``.
@@ -57,12 +57,25 @@ def json_rows(file: Path, field: str) -> Iterator[tuple[str, Any]]:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise LMKitError(f"{field} {file}:{lineno}: not valid JSON ({err.msg})") from err
+                        raise LMKitError(f"{field} {file}:{lineno}: not valid JSON ({_json_error(err)})") from err
                     yield str(lineno), row
     except UnicodeDecodeError as err:
-        raise LMKitError(f"{field} {file}: not UTF-8 text (invalid byte at offset {utf8_error_offset(file)})") from err
+        raise LMKitError(utf8_problem(file, field) or f"{field} {file}: not UTF-8 text") from err
     except json.JSONDecodeError as err:
-        raise LMKitError(f"{field} {file}:{err.lineno}: not valid JSON ({err.msg})") from err
+        raise LMKitError(f"{field} {file}:{err.lineno}: not valid JSON ({_json_error(err)})") from err
+
+
+def _json_error(err: json.JSONDecodeError) -> str:
+    """What `json` found wrong; a message that points at a place ("Invalid control character at") gets its column
+    (the line is in the caller's ``FILE:LINE``)."""
+    return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else err.msg
+
+
+def utf8_problem(file: Path, field: str) -> str | None:
+    """``"FIELD FILE: not UTF-8 text (invalid byte at offset N)"`` if ``file`` is not all UTF-8, else None: the one
+    UTF-8 rule of every text, JSON and JSON-lines file lmkit reads (by row here, or through `datasets`)."""
+    offset = utf8_error_offset(file)
+    return None if offset is None else f"{field} {file}: not UTF-8 text (invalid byte at offset {offset})"
 
 
 def utf8_error_offset(file: Path, chunk_size: int = 1 << 20) -> int | None:

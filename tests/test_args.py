@@ -43,7 +43,7 @@ def test_lmkit_training_defaults(tmp_path):
     "yaml_text, argv, message",
     [
         ("hidden_sise: 64\n", [], "unknown config key(s): hidden_sise"),
-        ("learning_rate: fast\n", [], "argument --learning_rate"),
+        ("learning_rate: fast\n", [], "bad.yaml: learning_rate: invalid float value: 'fast'"),
         ("", ["--max_steps", "many"], "argument --max_steps"),
         ("", ["--no_such_flag", "1"], "unknown flag --no_such_flag"),
         ("", ["--learning_rat", "1e-3"], "unknown flag --learning_rat (did you mean --learning_rate?)"),
@@ -62,6 +62,39 @@ def test_bad_config_names_the_field(tmp_path, yaml_text, argv, message):
     with pytest.raises(LMKitError) as err:
         parse_args(argv=["--config", str(path), "--output_dir", str(tmp_path / "o"), *argv])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("block_size: [1, 2]\n", "block_size takes a single value, got [1, 2]"),
+        ("block_size: eight\n", "block_size: invalid int value: 'eight'"),
+        ("block_size: {a: 1}\n", "block_size: invalid int value: '{\"a\": 1}'"),
+        (
+            "bf16: maybe\n",
+            "bf16: Truthy value expected: got maybe but expected one of yes/no, true/false, t/f, y/n, "
+            "1/0 (case insensitive).",
+        ),
+        ("train_files: []\n", "train_files takes at least one value, got []"),
+        ("train_files: [[a.txt]]\n", "train_files takes a list of single values, got [['a.txt']]"),
+    ],
+)
+def test_config_value_of_wrong_shape_or_type_names_the_key_and_the_file(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(LMKitError) as err:
+        parse_args(argv=["--config", str(path), "--output_dir", str(tmp_path / "o")])
+    assert str(err.value) == f"--config {path}: {message}"
+
+
+def test_config_list_flag_takes_one_value_or_a_list(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("train_files: a.txt\nblock_size: 8\n")
+    _, data, _ = parse_args(argv=["--config", str(path), "--output_dir", str(tmp_path / "o")])
+    assert (data.train_files, data.block_size) == (["a.txt"], 8)
+    path.write_text("datasets: {name: a, files: x.txt}\n")
+    _, data, _ = parse_args(argv=["--config", str(path), "--output_dir", str(tmp_path / "o")])
+    assert data.datasets == ['{"name": "a", "files": "x.txt"}']
 
 
 def test_missing_config_file(tmp_path):
@@ -265,6 +298,28 @@ def test_fit_length_fits_any_length_field_and_check_block_size_adds_the_streamin
         check_block_size(data, args, 128, "the model's --max_position_embeddings")
     check_block_size(data, args, None, "the model's max_position_embeddings")  # no limit: kept
     assert data.block_size == 256
+
+
+def test_check_block_size_refuses_evaluation_when_the_flags_hold_out_no_validation_data(tmp_path, caplog):
+    from lmkit.args import check_block_size
+
+    def run(*flags):
+        _, data, args = parse_args(argv=["--output_dir", str(tmp_path), "--validation_split", "0", *flags])
+        check_block_size(data, args, None, "the model's max_position_embeddings")
+        return args
+
+    with pytest.raises(LMKitError) as err:
+        run("--eval_strategy", "steps")
+    assert str(err.value) == (
+        "--eval_strategy steps: --validation_split 0.0 holds out no validation data, so there is nothing to evaluate"
+    )
+    with caplog.at_level("INFO", logger="lmkit.args"):
+        args = run()  # evaluation only a default asked for: turned off
+    assert (args.eval_strategy, args.eval_on_start) == ("no", False)
+    assert "--validation_split 0.0 holds out no validation data: no evaluation (--eval_strategy no)" in caplog.messages
+    # validation data may still come: from --validation_files, or a hub dataset's "validation" split
+    assert run("--eval_strategy", "steps", "--validation_files", "v.txt").eval_strategy == "steps"
+    assert run("--eval_strategy", "steps", "--dataset_name", "someone/corpus").eval_strategy == "steps"
 
 
 def test_label_smoothing_is_refused_because_the_smoother_would_shift_targets_twice(tmp_path):

@@ -81,12 +81,19 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
     (tmp / "tok").mkdir()  # a tokenized dataset's manifest: 16-token blocks by a tokenizer no model here has
     tok = str(tmp / "tok")
     f("tok/manifest.json", json.dumps({"format": "lmkit-tokenized-1", "block_size": 16, "tokenizer_hash": "0" * 32}))
+    latin1_jsonl = f("latin1.jsonl", b'{"text": "ok"}\n' * 4 + '{"text": "caf\xe9"}\n'.encode("latin-1"))  # offset 73
+    nul = f("nul.txt", b"\0" * 5000)  # `datasets` took it for an empty tar archive
+    shape_yaml, type_yaml = f("shape.yaml", "block_size: [1, 2]\n"), f("type.yaml", "learning_rate: fast\n")
     rows = [
         # -- config files and flags ---------------------------------------------------------------------------
         pre("config-missing", "--config", str(tmp / "nope.yaml"), fragment="--config"),
         pre("config-bad-yaml", "--config", f("bad.yaml", "hidden_size: [32\n"), fragment="not valid YAML"),
         pre("config-not-mapping", "--config", f("list.yaml", "- 1\n- 2\n"), fragment="expected a mapping"),
         pre("config-unknown-key", "--config", f("typo.yaml", "num_layerz: 2\n"), fragment="num_layerz"),
+        pre("config-wrong-shape", "--config", shape_yaml,
+            fragment=f"--config {shape_yaml}: block_size takes a single value, got [1, 2]"),
+        pre("config-wrong-type", "--config", type_yaml,
+            fragment=f"--config {type_yaml}: learning_rate: invalid float value: 'fast'"),
         pre("unknown-flag", "--learning_rat", "1e-3", fragment="--learning_rat"),
         pre("wrong-type", "--learning_rate", "fast", fragment="--learning_rate"),
         pre("negative-lr", "--learning_rate", "-0.001", fragment="--learning_rate must be positive"),
@@ -96,6 +103,9 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         pre("block-over-positions", "--block_size", "64", fragment="--block_size 64 exceeds"),
         pre("heads-not-dividing", "--num_attention_heads", "3", fragment="--hidden_size 32 is not divisible"),
         pre("validation-split-range", "--validation_split", "1.5", fragment="--validation_split"),
+        pre("eval-without-validation", "--validation_split", "0", "--eval_strategy", "steps",
+            fragment="--eval_strategy steps: --validation_split 0.0 holds out no validation data, so there is nothing "
+            "to evaluate"),
         pre("nonfinite-zero", "--max_nonfinite_steps", "0", fragment="--max_nonfinite_steps"),
         pre("attn-unknown", "--attn_implementation", "foo", fragment="--attn_implementation must be one of auto, eager"),
         pre("threads-zero", "--num_threads", "0", fragment="--num_threads must be a positive integer, got 0"),
@@ -107,6 +117,13 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         pre("data-glob", fragment="the glob matches no files", data=str(tmp / "nothing-*.txt")),
         pre("data-mixed", "--train_files", str(corpus), f("rows.jsonl", '{"text": "a"}\n'), fragment="mixed"),
         pre("data-not-utf8", fragment="latin1.txt: not UTF-8", data=f("latin1.txt", "caf\xe9\n".encode("latin-1") * 99)),
+        pre("jsonl-not-utf8", data=latin1_jsonl,
+            fragment=f"--train_files {latin1_jsonl}: not UTF-8 text (invalid byte at offset 73)"),
+        pre("data-binary", data=nul, fragment=f"--train_files {nul}: a binary file, not text (NUL byte at offset 0)"),
+        pre("data-whitespace", data=(blank := f("blank.txt", "  \n \t\n\n")),
+            fragment=f"--train_files {blank}: holds no text (only whitespace)"),
+        pre("jsonl-control-character", data=(ctrl := f("ctrl.jsonl", '{"text": "a\tb"}\n')),
+            fragment=f"--train_files {ctrl}:1: not valid JSON (Invalid control character at column 12)"),
         pre("jsonl-bad-json", fragment="bad.jsonl:2: not valid JSON", data=f("bad.jsonl", '{"text": "a"}\n{"text": \n')),
         pre("jsonl-no-field", fragment="nofield.jsonl:1: no 'text' field", data=f("nofield.jsonl", '{"body": "a"}\n')),
         pre("jsonl-not-string", fragment="'text' is int", data=f("int.jsonl", '{"text": "ok"}\n{"text": 3}\n')),
@@ -126,9 +143,19 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         pre("resume-pickle", "--resume_from_checkpoint", ckpt("pickle"), fragment="only loads safetensors"),
         pre("resume-shape", "--resume_from_checkpoint", str(good_ckpt), "--hidden_size", "64", fragment="has shape"),
         pre("resume-architecture", "--resume_from_checkpoint", ckpt("gpt2"), fragment="a 'gpt2' checkpoint"),
+        pre("resume-no-optimizer", "--resume_from_checkpoint", ckpt("no-optimizer"),
+            fragment="no-optimizer: incomplete checkpoint (no optimizer.pt, the optimizer state)"),
+        pre("resume-damaged-state", "--resume_from_checkpoint", ckpt("damaged"),
+            fragment="damaged: optimizer.pt is damaged (not a readable torch file)"),
+        pre("resume-lora-adapter", "--resume_from_checkpoint", ckpt("adapter"),
+            fragment="adapter: the checkpoint holds a LoRA adapter (adapter_model.safetensors), not the full model"),
         # -- the other recipes --------------------------------------------------------------------------------
         Row("evaluate-no-model", "evaluate", ["--model", str(tmp / "no-model"), "--files", str(corpus)], "--model"),
         Row("evaluate-corrupt", "evaluate", ["--model", ckpt("corrupt"), "--files", str(corpus)], "--model"),
+        Row("evaluate-not-utf8", "evaluate", ["--model", str(good_ckpt), "--files", latin1_jsonl],
+            f"--files {latin1_jsonl}: not UTF-8 text (invalid byte at offset 73)"),
+        Row("evaluate-binary", "evaluate", ["--model", str(good_ckpt), "--files", nul],
+            f"--files {nul}: a binary file, not text (NUL byte at offset 0)"),
         Row("evaluate-bad-files", "evaluate", ["--model", str(good_ckpt), "--files", str(tmp / "x.txt")], "x.txt"),
         Row("generate-not-utf8", "generate", ["--model", str(good_ckpt), "--prompts_file", str(tmp / "latin1.txt")],
             "latin1.txt"),
@@ -254,8 +281,13 @@ def _driver(tmp: str, rows_json: str) -> None:
     assert code == 0, (tmp_path / "run.err").read_text()[-3000:]
     good = tmp_path / "run" / "checkpoint-2"
     ckpts = tmp_path / "ckpts"
-    for name in ("incomplete", "corrupt", "pickle", "gpt2"):
+    for name in ("incomplete", "corrupt", "pickle", "gpt2", "no-optimizer", "damaged", "adapter"):
         shutil.copytree(good, ckpts / name)
+    (ckpts / "no-optimizer" / "optimizer.pt").unlink()
+    os.truncate(ckpts / "damaged" / "optimizer.pt", 1000)
+    # what recipes/finetune.py --use_lora true leaves: adapter weights and config, no model config.json
+    (ckpts / "adapter" / "model.safetensors").rename(ckpts / "adapter" / "adapter_model.safetensors")
+    (ckpts / "adapter" / "config.json").rename(ckpts / "adapter" / "adapter_config.json")
     (ckpts / "incomplete" / "trainer_state.json").unlink()
     weights = (ckpts / "corrupt" / "model.safetensors").read_bytes()
     (ckpts / "corrupt" / "model.safetensors").write_bytes(weights[: len(weights) // 2])

@@ -344,16 +344,65 @@ def test_directory_without_data_files(tmp_path):
         resolve_data_files([str(tmp_path / "d")], "--train_files")
 
 
-def test_only_blank_lines_is_an_empty_corpus(tmp_path):
-    blank = write(tmp_path / "blank.txt", "\n\n\n\n")
-    with pytest.raises(LMKitError, match=r"--train_files: no documents in .*blank\.txt"):
+@pytest.mark.parametrize("content", ["\n\n\n\n", "   \n", " \t\n\n  \r\n" * 1000])
+@pytest.mark.parametrize("name", ["blank.txt", "blank.jsonl"])
+def test_a_file_of_only_whitespace_holds_no_text(tmp_path, name, content):
+    blank = write(tmp_path / name, content)
+    with pytest.raises(LMKitError) as err:
         load_raw_datasets(args(tmp_path, train_files=[str(blank)]), 0)
+    assert str(err.value) == f"--train_files {blank}: holds no text (only whitespace)"
+
+
+def test_whitespace_documents_beside_text_are_kept(tmp_path):
+    text = write(tmp_path / "a.txt", "\n \n" * 5000 + "abc")  # the text starts past the first chunk read
+    assert resolve_data_files([str(text)], "--train_files") == [text.resolve()]
+
+
+@pytest.mark.parametrize("content", [b"\0" * 5000, b"\0", b"abc\n" * 100 + b"\0abc"])
+def test_a_file_with_nul_bytes_is_binary(tmp_path, content):
+    binary = write(tmp_path / "nul.txt", content)
+    with pytest.raises(LMKitError) as err:
+        load_raw_datasets(args(tmp_path, train_files=[str(binary)]), 0)
+    offset = content.index(b"\0")
+    assert str(err.value) == f"--train_files {binary}: a binary file, not text (NUL byte at offset {offset})"
+
+
+def test_no_documents_names_the_files(tmp_path):
+    empty = write(tmp_path / "rows.jsonl", "[]")
+    with pytest.raises(LMKitError, match=r"--train_files: no documents in .*rows\.jsonl"):
+        load_raw_datasets(args(tmp_path, train_files=[str(empty)]), 0)
 
 
 def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
     bad = write(tmp_path / "latin1.txt", "caf\u00e9\n\nok".encode("latin-1"))
     with pytest.raises(LMKitError, match=r"--train_files .*latin1\.txt: not UTF-8 text \(invalid byte at offset 3\)"):
         load_raw_datasets(args(tmp_path, train_files=[str(bad)]), 0)
+
+
+def test_non_utf8_jsonl_names_file_and_byte_offset(tmp_path):
+    # pyarrow's JSON reader loads the bytes as they are; the text was only decoded (and failed) when first read
+    rows = b'{"text": "hello"}\n{"text": "world"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1")
+    bad = write(tmp_path / "latin1.jsonl", rows)
+    with pytest.raises(LMKitError) as err:
+        load_raw_datasets(args(tmp_path, train_files=[str(bad)]), 0)
+    assert rows.index(b"\xe9") == 49
+    assert str(err.value) == f"--train_files {bad}: not UTF-8 text (invalid byte at offset 49)"
+
+
+def test_a_json_message_that_points_at_a_place_says_its_column(tmp_path):
+    bad = write(tmp_path / "rows.jsonl", '{"text": "a"}\n{"text": "a\tb"}\n')
+    with pytest.raises(LMKitError) as err:
+        load_raw_datasets(args(tmp_path, train_files=[str(bad)]), 0)
+    assert str(err.value) == (
+        f"--train_files {bad}:2: not valid JSON (Invalid control character at column 12) (see --text_column)"
+    )
+    unterminated = write(tmp_path / "rows.json", '[{"text": "a"},\n {"text": "b}]')
+    with pytest.raises(LMKitError) as err:
+        load_raw_datasets(args(tmp_path, train_files=[str(unterminated)]), 0)
+    assert str(err.value) == (
+        f"--train_files {unterminated}:2: not valid JSON (Unterminated string starting at column 11) "
+        "(see --text_column)"
+    )
 
 
 def test_jsonl_row_without_text_field_names_file_and_line(tmp_path):
