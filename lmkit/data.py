@@ -750,21 +750,30 @@ def read_tokenized_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def use_tokenized_dataset(data_args: DataArguments, explicit: frozenset[str]) -> dict[str, Any] | None:
-    """With ``--tokenized_dataset``: its manifest, and ``--block_size`` set to the one it was packed with.
-
-    ``explicit`` are the data fields the user set (`lmkit.args.explicit_fields`): an explicit ``--block_size``
-    that differs is an error; a default one follows the dataset. Call it before the recipe's block-size checks.
-    """
+    """With ``--tokenized_dataset``: its manifest, and ``--block_size`` set to the one it was packed with
+    (`follow_manifest`; ``explicit`` are the data fields the user set, `lmkit.args.explicit_fields`). Call it
+    before the recipe's block-size checks."""
     if data_args.tokenized_dataset is None:
         return None
     manifest = read_tokenized_manifest(data_args.tokenized_dataset)
-    if "block_size" in explicit and data_args.block_size != manifest["block_size"]:
-        raise LMKitError(
-            f"--block_size {data_args.block_size}: --tokenized_dataset {data_args.tokenized_dataset} was packed "
-            f"with --block_size {manifest['block_size']} (pass that, or preprocess again)"
-        )
-    data_args.block_size = manifest["block_size"]
+    follow_manifest(manifest, data_args.tokenized_dataset, data_args, ("block_size",), explicit)
     return manifest
+
+
+def follow_manifest(
+    manifest: dict[str, Any], directory: str, group: Any, names: tuple[str, ...], explicit: frozenset[str]
+) -> None:
+    """Flags that shaped a tokenized dataset (``names`` of ``group``: ``--block_size``, pretraining's ``--tokenizer``
+    and ``--vocab_size``) take the values its manifest records. One the user set (in ``explicit``) to another value
+    raises `LMKitError`: the blocks cannot change without preprocessing again."""
+    for name in names:
+        value, made_with = getattr(group, name), manifest.get(name)
+        if name in explicit and value != made_with:
+            said = f"with --{name} {made_with} (pass that" if made_with is not None else f"without --{name} (drop it"
+            raise LMKitError(
+                f"--{name} {value}: --tokenized_dataset {directory} was made {said}, or preprocess again)"
+            )
+        setattr(group, name, made_with)
 
 
 def tokenized_validation_split(source: str, n_sources: int) -> str:

@@ -95,8 +95,13 @@ def _holder() -> dict[str, object]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": _shorten(" ".join(sys.argv)),
     }
+
+
+def _shorten(command: str, limit: int = 2000) -> str:
+    # A holder record must stay whole within what `_read_holder` reads: a launcher can pass very long arguments.
+    return command if len(command) <= limit else command[:limit] + " ..."
 
 
 def _read_holder(fd: int) -> dict[str, object]:

@@ -27,9 +27,16 @@ from lmkit.args import (
     parse_args,
 )
 from lmkit.collator import CausalLMCollator
-from lmkit.data import build_mixture, load_sources, load_tokenized_dataset, source_texts, use_tokenized_dataset
+from lmkit.data import (
+    build_mixture,
+    follow_manifest,
+    load_sources,
+    load_tokenized_dataset,
+    source_texts,
+    use_tokenized_dataset,
+)
 from lmkit.distributed import main_process_first
-from lmkit.errors import LMKitError, main_entry
+from lmkit.errors import main_entry
 from lmkit.generation import sample_saved_model
 from lmkit.perf import planned_training_flops, resolve_attn_implementation, resolve_torch_compile
 from lmkit.runtime import model_size, prepare_run, tokens_per_step, train_and_save
@@ -38,20 +45,6 @@ from lmkit.tokenizer import build_tokenizer, model_vocab_size
 logger = logging.getLogger("lmkit.pretrain")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 STREAMING_TOKENIZER_DOCS = 100_000
-
-
-def follow_manifest(manifest: dict, directory: str, *groups_and_fields: object) -> None:
-    """Fields that shaped a tokenized dataset (``group, name, ...`` pairs) take its manifest's values: one the user
-    set to another value is an error, as for ``--block_size`` (`lmkit.data.use_tokenized_dataset`)."""
-    for group, name in zip(groups_and_fields[::2], groups_and_fields[1::2], strict=True):
-        value, made_with = getattr(group, name), manifest.get(name)
-        if name in explicit_fields(group) and value != made_with:
-            raise LMKitError(
-                f"--{name} {value}: --tokenized_dataset {directory} was made "
-                + (f"with --{name} {made_with} (pass that" if made_with is not None else f"without --{name} (drop it")
-                + ", or preprocess again)"
-            )
-        setattr(group, name, made_with)
 
 
 @main_entry
@@ -63,7 +56,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
     manifest = use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
     if manifest is not None:  # so do the tokenizer flags: the dataset was tokenized with them
-        follow_manifest(manifest, data_args.tokenized_dataset, data_args, "tokenizer", model_args, "vocab_size")
+        follow_manifest(manifest, data_args.tokenized_dataset, data_args, ("tokenizer",), explicit_fields(data_args))
+        follow_manifest(
+            manifest, data_args.tokenized_dataset, model_args, ("vocab_size",), explicit_fields(model_args)
+        )
     limit = "the model's --max_position_embeddings"
     checks = partial(check_block_size, data_args, args, model_args.max_position_embeddings, limit)
     resume_from = prepare_run(args, model_args, data_args, checks=checks)

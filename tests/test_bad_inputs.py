@@ -75,6 +75,9 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         return json.dumps([{"name": name, "files": str(corpus), "weight": weight} for name, weight in sources])
 
     good_ckpt = tmp / "run" / "checkpoint-2"  # made by the driver before the rows run (see _driver)
+    adapter = tmp / "lora-run"  # a LoRA run's output dir: the adapter, no full model
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     ckpt = lambda name: str(tmp / "ckpts" / name)  # noqa: E731  (copies of good_ckpt, broken on purpose)
 
     parquet_bad = f("broken.parquet", b"PAR1 this is not parquet")
@@ -136,6 +139,8 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             "exists and is not a directory"),
         pre("output-finished", fragment="already holds a finished model", keep=["config.json", "model.safetensors"]),
         pre("output-locked", fragment="is in use by another run (pid", keep=[LOCK_NAME]),  # the driver holds it
+        pre("output-users-file", fragment="holds README.md, which this run would overwrite",
+            keep=["README.md", "notes.txt"]),
         # -- resuming from checkpoints ------------------------------------------------------------------------
         pre("resume-missing", "--resume_from_checkpoint", str(tmp / "no-ckpt"), fragment="no such checkpoint"),
         pre("resume-incomplete", "--resume_from_checkpoint", ckpt("incomplete"), fragment="incomplete checkpoint"),
@@ -151,6 +156,10 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             fragment="adapter: the checkpoint holds a LoRA adapter (adapter_model.safetensors), not the full model"),
         # -- the other recipes --------------------------------------------------------------------------------
         Row("evaluate-no-model", "evaluate", ["--model", str(tmp / "no-model"), "--files", str(corpus)], "--model"),
+        Row("evaluate-lora-adapter", "evaluate", ["--model", str(adapter), "--files", str(corpus)],
+            f"--model {adapter}: holds a LoRA adapter, not a full model; merge it into its base first"),
+        Row("generate-chat-no-template", "generate", ["--model", str(good_ckpt), "--prompt", "a", "--chat", "true"],
+            f"--chat: {good_ckpt} has no chat template"),
         Row("evaluate-corrupt", "evaluate", ["--model", ckpt("corrupt"), "--files", str(corpus)], "--model"),
         Row("evaluate-not-utf8", "evaluate", ["--model", str(good_ckpt), "--files", latin1_jsonl],
             f"--files {latin1_jsonl}: not UTF-8 text (invalid byte at offset 73)"),
@@ -211,17 +220,24 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
             fragment="--datasets cannot be combined with --train_files"),
         # -- tokenized datasets (recipes/preprocess.py, --tokenized_dataset) ----------------------------------
         pre("tokenized-block-size", "--tokenized_dataset", tok, "--block_size", "8", data=None,
-            fragment=f"--block_size 8: --tokenized_dataset {tok} was packed with --block_size 16"),
+            fragment=f"--block_size 8: --tokenized_dataset {tok} was made with --block_size 16"),
         pre("tokenized-with-train-files", "--tokenized_dataset", tok,
             fragment="--tokenized_dataset is already tokenized: drop --train_files"),
         pre("tokenized-no-manifest", "--tokenized_dataset", str(tmp), data=None, fragment="manifest.json: missing"),
         Row("tokenized-other-tokenizer", "finetune", ["--model_name_or_path", str(good_ckpt), "--tokenized_dataset",
             tok, "--output_dir", str(tmp / "out-ft8"), "--report_to", "none"],
             f"--tokenized_dataset {tok}: tokenized with another tokenizer", str(tmp / "out-ft8")),
+        Row("tokenized-tokenizer-flag", "pretrain", [*FAST, "--tokenized_dataset", tok, "--tokenizer", "train",
+            "--output_dir", str(tmp / "out-tok-flag")],
+            f"--tokenizer train: --tokenized_dataset {tok} was made without --tokenizer (drop it", str(tmp / "out-tok-flag")),
         Row("preprocess-output-taken", "preprocess", ["--tokenizer", "char", "--train_files", str(corpus),
             "--block_size", "8", "--output_dir", tok], f"--output_dir {tok}: already holds another tokenized dataset",
             tok, keep=["manifest.json"]),
     ]  # fmt: skip
+    users = tmp / "out-output-users-file"
+    users.mkdir()
+    (users / "README.md").write_text("my notes on this run")
+    (users / "notes.txt").write_text("mine")
     finished = tmp / "out-output-finished"
     finished.mkdir()
     (finished / "config.json").write_text('{"model_type": "lmkit"}')

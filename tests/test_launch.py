@@ -201,6 +201,19 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
         pass
 
 
+def test_a_holder_with_a_very_long_command_line_is_still_named(tmp_path, monkeypatch):
+    """The holder record keeps at most 2,000 characters of the command: a launcher's 100 KB argument (the bad-input
+    catalogue's driver passes its rows as one) made it unreadable, and the refusal said "holder unknown"."""
+    monkeypatch.setattr(sys, "argv", ["driver.py", "x" * 100_000])
+    first = OutputDirLock(tmp_path / "out")
+    first.acquire()
+    command = json.loads((tmp_path / "out" / LOCK_NAME).read_text())["command"]
+    assert command == "driver.py " + "x" * 1990 + " ..."
+    with pytest.raises(LMKitError, match=rf"is in use by another run \(pid {os.getpid()} on "):
+        OutputDirLock(tmp_path / "out").acquire()
+    first.release()
+
+
 def test_lock_keeps_a_dir_it_did_not_create(tmp_path):
     (tmp_path / "mine.txt").write_text("x")
     with OutputDirLock(tmp_path):

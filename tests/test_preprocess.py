@@ -21,6 +21,7 @@ from lmkit.args import DataArguments, ModelArguments
 from lmkit.data import (
     build_lm_datasets,
     build_mixture,
+    follow_manifest,
     load_raw_datasets,
     load_sources,
     load_tokenized_dataset,
@@ -161,7 +162,7 @@ def test_tokenized_dataset_block_size_follows_the_manifest_unless_explicit(tmp_p
     data_args = DataArguments(tokenized_dataset=str(tmp_path / "tok"))  # block_size: the default 256
     use_tokenized_dataset(data_args, frozenset())
     assert data_args.block_size == 7
-    with pytest.raises(LMKitError, match=r"--block_size 16: --tokenized_dataset .* was packed with --block_size 7"):
+    with pytest.raises(LMKitError, match=r"--block_size 16: --tokenized_dataset .* was made with --block_size 7"):
         use_tokenized_dataset(DataArguments(tokenized_dataset=str(tmp_path / "tok"), block_size=16), {"block_size"})
     with pytest.raises(LMKitError, match="--tokenized_dataset is already tokenized: drop --train_files"):
         DataArguments(tokenized_dataset=str(tmp_path / "tok"), train_files=["x.txt"])
@@ -357,7 +358,10 @@ def test_pretrain_takes_the_tokenizer_flags_of_a_tokenized_dataset(tmp_path, cap
             f"lmkit: error: {flag} {value}: --tokenized_dataset {tmp_path / 'tok'} was made {said}, or preprocess again)"
         )
         assert not (tmp_path / flag).exists()
-    follow = pretrain["follow_manifest"]
+
+    def follow(manifest, directory, group, name):
+        follow_manifest(manifest, directory, group, (name,), frozenset({name}))
+
     assert made["vocab_size"] is None  # a character tokenizer has no trained size
     with pytest.raises(LMKitError) as raised:
         follow(made, "tok", ModelArguments(vocab_size=4096), "vocab_size")
