@@ -568,6 +568,8 @@ def preference_loss(
         shown = (avg_chosen, avg_rejected)
     loss = losses.mean()
     if args.sft_weight:
+        if args.loss_type == "orpo":  # recipes fit it first (`lmkit.dpo_args.fit_sft_weight`); library callers too
+            raise ValueError("sft_weight with loss_type orpo would add the chosen answers' NLL twice")
         nll = -chosen.sum() / n_chosen.sum()  # TRL's "sft" term: mean over the batch's chosen answer tokens
         loss = loss + args.sft_weight * nll
         extra["nll_loss"] = nll.detach().expand_as(losses)

@@ -6,9 +6,13 @@ from LMTrainingArguments. ``--max_length`` (here) bounds prompt + answer; DataAr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+from lmkit.args import explicit_fields, fit_length
 from lmkit.errors import LMKitError
+
+logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -58,7 +62,8 @@ class PreferenceArguments:
         metadata={
             "help": "Add this weight x the mean NLL of the chosen answers' tokens (TRL's loss_type [..., 'sft'], "
             "RPO). DPO alone lowers chosen and rejected likelihoods together and the mass drains to tokens the "
-            "data never shows; this anchors the chosen answers. Not with orpo, which has its own NLL term."
+            "data never shows; this anchors the chosen answers. Not with orpo, which has its own NLL term (a "
+            "preset's weight becomes 0 there; one you set is an error)."
         },
     )
 
@@ -74,8 +79,6 @@ class PreferenceArguments:
             problems.append(f"--label_smoothing applies to sigmoid and simpo, not --loss_type {self.loss_type}")
         if self.sft_weight < 0:
             problems.append(f"--sft_weight must be >= 0, got {self.sft_weight}")
-        if self.sft_weight and self.loss_type == "orpo":
-            problems.append("--sft_weight: --loss_type orpo already adds the chosen answers' NLL (weight 1)")
         if self.max_length < 2:
             problems.append(f"--max_length must be at least 2, got {self.max_length}")
         if self.ref_model_name_or_path and self.loss_type in REFERENCE_FREE:
@@ -88,3 +91,31 @@ class PreferenceArguments:
     @property
     def needs_reference(self) -> bool:
         return self.loss_type not in REFERENCE_FREE
+
+
+def fit_sft_weight(pref_args: PreferenceArguments) -> None:
+    """``--loss_type orpo`` adds the chosen answers' NLL itself (weight 1), so ``--sft_weight`` would count it twice.
+
+    A preset's or default weight becomes 0, with one log line; one the user set (`lmkit.args.explicit_fields`)
+    raises `LMKitError` naming the flag. The other losses take any weight (simpo: CPO's NLL term).
+    """
+    if pref_args.loss_type != "orpo" or not pref_args.sft_weight:
+        return
+    if "sft_weight" in explicit_fields(pref_args):
+        raise LMKitError(
+            f"--sft_weight {pref_args.sft_weight:g}: --loss_type orpo already adds the chosen answers' NLL (weight 1)"
+        )
+    logger.info(
+        "--sft_weight %g (a default) does not apply to --loss_type orpo, which adds the chosen answers' NLL "
+        "itself: using --sft_weight 0",
+        pref_args.sft_weight,
+    )
+    pref_args.sft_weight = 0.0
+
+
+def fit_preference_args(pref_args: PreferenceArguments, max_positions: int | None, limit: str) -> None:
+    """The checks that follow the model and the loss, run before the start-up report (which then shows the fitted
+    values): ``--max_length`` fits the model's ``max_positions`` (`lmkit.args.fit_length`; ``limit`` names that
+    number), and ``--sft_weight`` gives way to orpo's own NLL (`fit_sft_weight`)."""
+    fit_length(pref_args, "max_length", max_positions, limit)
+    fit_sft_weight(pref_args)

@@ -23,7 +23,6 @@ from lmkit.args import (
     ModelArguments,
     check_block_size,
     explicit_fields,
-    fit_length,
     load_yaml_config,
 )
 from lmkit.collator import CausalLMCollator
@@ -36,7 +35,7 @@ from lmkit.dpo import (
     load_preference_sources,
     mix_preference_sources,
 )
-from lmkit.dpo_args import PreferenceArguments
+from lmkit.dpo_args import PreferenceArguments, fit_preference_args
 from lmkit.errors import LMKitError
 from lmkit.finetune import add_tokens, check_vocab, load_starting_point, load_tokenizer, sft_collator
 from lmkit.finetune_args import FinetuneArguments
@@ -163,8 +162,8 @@ def dpo_data(
     if ft_args.train_on_prompt:
         raise LMKitError("--train_on_prompt does not apply to preference tuning: only answers are scored")
     spec, model_config, tokenizer, tokenizer_spec, n_saved = _starting_tokenizer(model_args, data_args)
-    fit_length(pref_args, "max_length", getattr(model_config, "max_position_embeddings", None),
-               "the model's max_position_embeddings")  # fmt: skip
+    fit_preference_args(pref_args, getattr(model_config, "max_position_embeddings", None),
+                        "the model's max_position_embeddings")  # fmt: skip
     rows = load_preference_sources(data_args, seed=args.seed)
     new_special: list[str] = []
     chat = any(is_conversational(splits["train"]) for splits in rows.values())

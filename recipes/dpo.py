@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, fit_length, parse_args
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, parse_args
 from lmkit.data import load_tokenized_dataset, read_tokenized_manifest
 from lmkit.dpo import (
     PreferenceCollator,
@@ -36,7 +36,7 @@ from lmkit.dpo import (
     mix_preference_sources,
     model_key,
 )
-from lmkit.dpo_args import PreferenceArguments
+from lmkit.dpo_args import PreferenceArguments, fit_preference_args
 from lmkit.errors import LMKitError, main_entry
 from lmkit.finetune import (
     LoadedModel,
@@ -71,10 +71,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     spec, model_config = load_starting_point(model_args)
     ref_spec = resolve_starting_point(pref_args.ref_model_name_or_path) if pref_args.ref_model_name_or_path else None
     max_positions = getattr(model_config, "max_position_embeddings", None)
-    fit_length(pref_args, "max_length", max_positions, "the model's max_position_embeddings")  # report shows it
-    resume_from = prepare_run(
-        args, LoadedModel.describe(model_args, spec, model_config), data_args, ft_args, pref_args
-    )
+    checks = partial(fit_preference_args, pref_args, max_positions, "the model's max_position_embeddings")
+    model_report = LoadedModel.describe(model_args, spec, model_config)
+    resume_from = prepare_run(args, model_report, data_args, ft_args, pref_args, checks=checks)
 
     # -- tokenizer and data -----------------------------------------------------------------------------------
     tokenizer_spec = spec if data_args.tokenizer in ("train", "char") else data_args.tokenizer

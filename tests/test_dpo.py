@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmkit import LMConfig, LMForCausalLM
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, parse_args
 from lmkit.dpo import (
     PreferenceCollator,
     PreferenceTrainer,
@@ -27,7 +28,9 @@ from lmkit.dpo import (
     sequence_logps,
     tokenize_pair,
 )
-from lmkit.dpo_args import PreferenceArguments
+from lmkit.dpo_args import PreferenceArguments, fit_sft_weight
+from lmkit.errors import LMKitError
+from lmkit.finetune_args import FinetuneArguments
 from lmkit.sft import DEFAULT_CHAT_TEMPLATE
 from lmkit.tokenizer import build_tokenizer
 
@@ -427,6 +430,85 @@ def test_separate_reference_model(base, tmp_path):
     assert metrics["eval_rewards/margins"] != 0.0  # another model's log-probs: the rewards are not ~0
 
 
+# -- defaults that follow the model and the loss ----------------------------------------------------------------
+
+DPO_GROUPS = (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, LMTrainingArguments)
+
+
+def preference_args(*argv) -> PreferenceArguments:
+    """The PreferenceArguments recipes/dpo.py parses from ``argv`` (recipes/configs/dpo.yaml unless --config)."""
+    return parse_args(DPO_GROUPS, [*map(str, argv), "--report_to", "none"], dpo.DEFAULT_DPO_CONFIG)[3]
+
+
+@pytest.mark.parametrize("preset", ["default", "--config dpo-lora.yaml"])
+def test_preset_sft_weight_gives_way_to_orpo(preset, caplog):
+    config = [] if preset == "default" else ["--config", dpo.DEFAULT_DPO_CONFIG.parent / "dpo-lora.yaml"]
+    pref = preference_args(*config, "--loss_type", "orpo")
+    assert pref.sft_weight == 1.0  # the preset's, not the user's
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        fit_sft_weight(pref)
+    assert pref.sft_weight == 0.0
+    assert [r.getMessage() for r in caplog.records] == [
+        "--sft_weight 1 (a default) does not apply to --loss_type orpo, which adds the chosen answers' NLL itself: "
+        "using --sft_weight 0"
+    ]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_preset_sft_weight_stays_for_the_other_losses(loss_type, caplog):
+    pref = preference_args("--loss_type", loss_type)
+    with caplog.at_level(logging.INFO, logger="lmkit"):
+        fit_sft_weight(pref)
+    assert pref.sft_weight == 1.0 and caplog.records == []
+
+
+@pytest.mark.parametrize("where", ["command line", "user config", "built directly"])
+def test_user_set_sft_weight_with_orpo_is_an_error(where, tmp_path):
+    if where == "command line":
+        pref = preference_args("--loss_type", "orpo", "--sft_weight", 0.5)
+    elif where == "user config":
+        config = tmp_path / "mine.yaml"
+        config.write_text("loss_type: orpo\nsft_weight: 0.5\n")
+        pref = preference_args("--config", config)
+    else:
+        pref = PreferenceArguments(loss_type="orpo", sft_weight=0.5)
+    with pytest.raises(LMKitError) as err:
+        fit_sft_weight(pref)
+    assert str(err.value) == "--sft_weight 0.5: --loss_type orpo already adds the chosen answers' NLL (weight 1)"
+    pref = preference_args("--loss_type", "orpo", "--sft_weight", 0)  # an explicit 0 is what orpo needs
+    fit_sft_weight(pref)
+    assert pref.sft_weight == 0.0
+
+
+@pytest.fixture
+def fresh_lmkit_logger():
+    """lmkit's logger as a new process has it: INFO lines are dropped until the recipe's logging set-up (so a line
+    logged before that set-up is lost, here as in a real run); restored afterwards."""
+    lmkit_logger = logging.getLogger("lmkit")
+    level = lmkit_logger.level
+    lmkit_logger.setLevel(logging.WARNING)
+    yield
+    lmkit_logger.setLevel(level)
+
+
+def test_recipe_logs_the_preset_values_it_fits_to_the_model_and_the_loss(base, tmp_path, fresh_lmkit_logger, caplog):
+    run("--model_name_or_path", base, "--train_files", prefs_file(tmp_path), "--output_dir", tmp_path / "out",
+        "--cache_dir", tmp_path / "cache", "--loss_type", "orpo", "--max_steps", 1, "--per_device_train_batch_size",
+        4, "--eval_strategy", "no", "--save_strategy", "no")  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lmkit")]
+    fitted = [
+        "--max_length 1024 (a default) exceeds the model's max_position_embeddings 64: using --max_length 64",
+        "--sft_weight 1 (a default) does not apply to --loss_type orpo, which adds the chosen answers' NLL itself: "
+        "using --sft_weight 0",
+    ]
+    report = (
+        "PreferenceArguments: {'loss_type': 'orpo', 'beta': 0.1, 'label_smoothing': 0.0, 'simpo_gamma': 0.5, "
+        "'max_length': 64, 'ref_model_name_or_path': None, 'sft_weight': 0.0}"
+    )
+    assert [line for line in lines if "(a default)" in line] == fitted
+    assert lines.index(fitted[1]) < lines.index(report)  # logged once logging is set up, before the report
+
+
 # -- bad input --------------------------------------------------------------------------------------------------
 
 
@@ -465,6 +547,14 @@ def _bad_cases(tmp_path: Path, base: Path) -> dict[str, tuple[list, str]]:
             [*model, "--train_files", good, "--ref_model_name_or_path", base, "--loss_type", "simpo"],
             "--ref_model_name_or_path: --loss_type simpo is reference-free",
         ),
+        "pref-orpo-sft-weight": (
+            [*model, "--train_files", good, "--loss_type", "orpo", "--sft_weight", 1],
+            "--sft_weight 1: --loss_type orpo already adds the chosen answers' NLL (weight 1)",
+        ),
+        "pref-max-length": (
+            [*model, "--train_files", good, "--max_length", 65],
+            "--max_length 65 exceeds the model's max_position_embeddings 64",
+        ),
         "pref-train-on-prompt": (
             [*model, "--train_files", good, "--train_on_prompt", "true"],
             "--train_on_prompt does not apply to preference tuning",
@@ -473,7 +563,8 @@ def _bad_cases(tmp_path: Path, base: Path) -> dict[str, tuple[list, str]]:
 
 
 BAD = ["pref-missing-rejected", "pref-empty-answer", "pref-all-identical", "pref-no-room", "pref-loss-type",
-       "pref-beta", "pref-ref-tokenizer", "pref-ref-reference-free", "pref-train-on-prompt"]  # fmt: skip
+       "pref-beta", "pref-ref-tokenizer", "pref-ref-reference-free", "pref-orpo-sft-weight", "pref-max-length",
+       "pref-train-on-prompt"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -659,3 +750,14 @@ def test_two_process_runs_match_one_process(base, tmp_path, config):
         one = [e[key] for e in history["single"] if key in e]
         two = [e[key] for e in history["ddp"] if key in e]
         assert len(one) == 3 and one == pytest.approx(two, abs=5e-3), key
+
+
+def test_orpo_with_an_sft_weight_is_refused_by_the_loss_itself():
+    """A library caller that skips `fit_sft_weight` cannot add ORPO's NLL twice; with the weight fitted to 0 it runs."""
+    args = PreferenceArguments(loss_type="orpo", sft_weight=0.0)
+    logps, counts = torch.tensor([-4.0, -6.0]), torch.tensor([2.0, 3.0])  # one pair: chosen, rejected
+    loss, _ = preference_loss(args, logps, counts)
+    assert torch.isfinite(loss)
+    args.sft_weight = 1.0
+    with pytest.raises(ValueError, match="would add the chosen answers' NLL twice"):
+        preference_loss(args, logps, counts)
