@@ -43,6 +43,25 @@ def generation_config(
     )
 
 
+def fit_new_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
+) -> int:
+    """``max_new_tokens``, or fewer so the longest prompt and its continuation fit the model's positions (past them
+    a rotary model meets positions it never trained on, samples garbage, and transformers warns); 0 when the prompt
+    fills them. A cut is logged."""
+    room = getattr(model.config, "max_position_embeddings", None)
+    if room is None:
+        return max_new_tokens
+    longest = int(encode_prompts(prompts, tokenizer)["attention_mask"].sum(dim=1).max())
+    fitted = max(0, min(max_new_tokens, room - longest))
+    if fitted < max_new_tokens:
+        logger.warning(
+            "--max_new_tokens %d: the model has %d positions and the longest prompt %d tokens: generating at most %d",
+            max_new_tokens, room, longest, fitted,
+        )  # fmt: skip
+    return fitted
+
+
 def chat_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, model: str) -> list[str]:
     """Each prompt as one user turn in the tokenizer's chat template, ending where the assistant's answer starts
     (``add_generation_prompt``): the form a chat-tuned model was trained on. ``model`` names it in the error."""
@@ -116,10 +135,9 @@ def sample_saved_model(model_dir: str, prompt: str, max_new_tokens: int) -> str:
     """
     with _zero3_off():
         model, tokenizer = load_checkpoint(model_dir)
-        # no further than the model's positions: past them a rotary model samples garbage, and transformers warns
-        room = getattr(model.config, "max_position_embeddings", None)
-        if room is not None:
-            max_new_tokens = max(0, min(max_new_tokens, room - len(tokenizer(prompt).input_ids)))
+        max_new_tokens = fit_new_tokens(model, tokenizer, [prompt], max_new_tokens)
+        if max_new_tokens < 1:
+            return prompt
         sampling = GenerationArguments(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
         (completion,) = generate(model, tokenizer, [prompt], generation_config(sampling, tokenizer, model))
     return prompt + completion

@@ -20,7 +20,7 @@ from pathlib import Path
 from lmkit.args import parse_args
 from lmkit.errors import LMKitError, main_entry
 from lmkit.eval_args import CheckpointArguments, GenerationArguments
-from lmkit.generation import chat_prompts, generate, generation_config
+from lmkit.generation import chat_prompts, fit_new_tokens, generate, generation_config
 from lmkit.hub import check_model_dir, load_checkpoint
 from lmkit.runtime import configure_threads, setup_tool_logging
 
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     model, tokenizer = load_checkpoint(ckpt.model, ckpt.dtype, ckpt.trust_remote_code)
     config = generation_config(gen_args, tokenizer, model)
     inputs = chat_prompts(prompts, tokenizer, ckpt.model) if gen_args.chat else prompts
+    config.max_new_tokens = fit_new_tokens(model, tokenizer, inputs, gen_args.max_new_tokens)
+    if config.max_new_tokens < 1:
+        raise LMKitError(
+            f"--max_new_tokens: the longest prompt fills all {model.config.max_position_embeddings} positions of "
+            f"{ckpt.model}; shorten it"
+        )
 
     # -- generate ---------------------------------------------------------------------------------------------
     if gen_args.prompt is not None:

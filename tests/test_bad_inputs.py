@@ -168,6 +168,8 @@ def build_rows(tmp: Path) -> tuple[list[Row], list[Path]]:
         Row("evaluate-bad-files", "evaluate", ["--model", str(good_ckpt), "--files", str(tmp / "x.txt")], "x.txt"),
         Row("generate-not-utf8", "generate", ["--model", str(good_ckpt), "--prompts_file", str(tmp / "latin1.txt")],
             "latin1.txt"),
+        Row("generate-prompt-fills-positions", "generate", ["--model", str(good_ckpt), "--prompt", "a" * 16],
+            "--max_new_tokens: the longest prompt fills all 16 positions of"),
         Row("generate-top-p", "generate", ["--model", str(good_ckpt), "--prompt", "a", "--top_p", "0"], "--top_p"),
         Row("generate-architecture", "generate", ["--model", ckpt("gpt2"), "--prompt", "a"], "--model"),
         Row("publish-format", "publish", ["--model", str(good_ckpt), "--repo_id", "me/m", "--format", "onnx"],

@@ -176,3 +176,23 @@ def _prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("Hi\n")
     return path
+
+
+def test_generate_stops_at_the_models_positions(ckpt, capsys, caplog):
+    """generate.py asked for more tokens than the 64-position model has room for after the prompt generates only
+    that many, says so, and a prompt that fills every position is one line."""
+    path, model, tok = ckpt
+    out = load_recipe("generate").main(["--model", str(path), "--prompt", "ROMEO:", "--max_new_tokens", "500",
+                                        "--temperature", "0", "--top_k", "0"])  # fmt: skip
+    with torch.no_grad():
+        ids = encode_prompts(["ROMEO:"], tok)
+        full = model.generate(**ids, generation_config=generation_config(greedy(58), tok))
+    assert out == [tok.decode(full[0, 6:], skip_special_tokens=True)]
+    said = "--max_new_tokens 500: the model has 64 positions and the longest prompt 6 tokens: generating at most 58"
+    assert said in caplog.messages
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        load_recipe("generate").main(["--model", str(path), "--prompt", "a" * 64])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"lmkit: error: --max_new_tokens: the longest prompt fills all 64 positions of {path}; shorten it"
+    )
