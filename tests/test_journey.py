@@ -116,6 +116,10 @@ def test_pretrain_finetune_evaluate_generate_publish_on_defaults(tmp_path):
     out = _ok(run("generate", "--model", "outputs/sft-chat", "--prompt", "ROMEO:", "--max_new_tokens", "8",
                   "--temperature", "0", cwd=home, **env))  # fmt: skip
     assert "ROMEO:" in out
+    # the chat model answers a user turn rendered with its ChatML template (the markers are special: not printed)
+    out = _ok(run("generate", "--model", "outputs/sft-chat", "--prompt", "Name a colour.", "--chat", "true",
+                  "--max_new_tokens", "8", "--temperature", "0", cwd=home, **env))  # fmt: skip
+    assert "user\nName a colour.\nassistant\n" in out and "<|im_start|>" not in out, out[-2000:]
     _ok(run("publish", "--model", "outputs/sft-lora/merged", "--repo_id", "me/tiny-sft", "--dry_run", cwd=home,
             **env))  # fmt: skip
     export = home / "exports" / "tiny-sft"
