@@ -531,7 +531,12 @@ def check_validation(data_args: DataArguments, args: LMTrainingArguments) -> Non
     if data_args.validation_split > 0 or data_args.validation_files or data_args.tokenized_dataset is not None:
         return
     if all(source.dataset_name is None for source in parse_sources(data_args)):
-        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
+        fit_evaluation(args, nothing_held_out(data_args))
+
+
+def nothing_held_out(data_args: DataArguments) -> str:
+    """Why there is no validation data when ``--validation_split`` held none out (for `fit_evaluation`)."""
+    return f"--validation_split {data_args.validation_split} holds out no validation data"
 
 
 _EVAL_FLAGS = ("eval_strategy", "eval_on_start", "load_best_model_at_end")

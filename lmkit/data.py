@@ -749,14 +749,16 @@ def read_tokenized_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def use_tokenized_dataset(data_args: DataArguments, explicit: frozenset[str]) -> dict[str, Any] | None:
-    """With ``--tokenized_dataset``: its manifest, and ``--block_size`` set to the one it was packed with
-    (`follow_manifest`; ``explicit`` are the data fields the user set, `lmkit.args.explicit_fields`). Call it
-    before the recipe's block-size checks."""
+def use_tokenized_dataset(
+    data_args: DataArguments, explicit: frozenset[str], names: tuple[str, ...] = ("block_size",)
+) -> dict[str, Any] | None:
+    """With ``--tokenized_dataset``: its manifest, and the data flags ``names`` (``--block_size``; pretraining's
+    ``--tokenizer`` too) set to the ones it was made with (`follow_manifest`; ``explicit`` are the data fields the
+    user set, `lmkit.args.explicit_fields`). Call it before the recipe's block-size checks."""
     if data_args.tokenized_dataset is None:
         return None
     manifest = read_tokenized_manifest(data_args.tokenized_dataset)
-    follow_manifest(manifest, data_args.tokenized_dataset, data_args, ("block_size",), explicit)
+    follow_manifest(manifest, data_args.tokenized_dataset, data_args, names, explicit)
     return manifest
 
 

@@ -377,8 +377,8 @@ def main_process_first(args: Any, desc: str = "work") -> Iterator[None]:
         try:
             yield
         except BaseException as err:
-            kind = LMKitError.__name__ if isinstance(err, LMKitError) else type(err).__name__
-            _write_marker(marker, f"error: {kind}: {' '.join(str(err).split())}")
+            kind = USER_ERROR_MARK if isinstance(err, LMKitError) else f"error: {type(err).__name__}: "
+            _write_marker(marker, kind + " ".join(str(err).split()))
             raise
         _write_marker(marker, "done")
         dist.barrier()
@@ -387,6 +387,10 @@ def main_process_first(args: Any, desc: str = "work") -> Iterator[None]:
     _wait_for_marker(marker, main_pid, desc)
     yield
     dist.barrier()
+
+
+# How a main process that failed on the user's input (an `LMKitError`) starts its marker; the message follows.
+USER_ERROR_MARK = f"error: {LMKitError.__name__}: "
 
 
 def _write_marker(marker: Path, state: str) -> None:
@@ -406,8 +410,8 @@ def _wait_for_marker(marker: Path, main_pid: int, desc: str) -> None:
             logger.info("waiting for the main process to finish %s (%.0f s so far)", desc, last_log - start)
         time.sleep(WAIT_POLL_SECONDS)
     state = marker.read_text()
-    if state.startswith(f"error: {LMKitError.__name__}: "):  # the main process reports the user's error itself
-        raise RelayedError(state.removeprefix(f"error: {LMKitError.__name__}: "))
+    if state.startswith(USER_ERROR_MARK):  # the main process reports the user's error itself
+        raise RelayedError(state.removeprefix(USER_ERROR_MARK))
     if state.startswith("error"):
         raise LMKitError(f"{desc} failed on the main process ({marker}: {state})")
 

@@ -9,7 +9,6 @@ the mean of the existing rows (deterministic, so a merge that re-creates them re
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,13 +31,11 @@ from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, expli
 from lmkit.collator import CausalLMCollator
 from lmkit.errors import LMKitError
 from lmkit.finetune_args import FinetuneArguments
-from lmkit.hub import load_config, local_path
+from lmkit.hub import MERGED_DIR, load_config, local_path, lora_adapter_problem
 from lmkit.sft import TEXT, end_of_turn_token
 from lmkit.tokenizer import PAD_TOKEN
 
 logger = logging.getLogger(__name__)
-
-MERGED_DIR = "merged"
 
 
 def rows_of_one_length(fmt: str, packing: bool) -> bool:
@@ -91,12 +88,8 @@ def resolve_starting_point(spec: str | None) -> str:
         raise LMKitError(f"--model_name_or_path {spec}: not a directory")
     if (path / "config.json").is_file():
         return str(path)
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        raise LMKitError(
-            f"--model_name_or_path {spec}: holds a LoRA adapter, not a full model; start from its base model "
-            f"({base}) or from the adapter's merged model (--merge_lora writes it to {MERGED_DIR}/)"
-        )
+    if problem := lora_adapter_problem(path):
+        raise LMKitError(f"--model_name_or_path {spec}: {problem}")
     checkpoints = sorted(p.name for p in path.glob("checkpoint-*") if (p / "config.json").is_file())
     hint = f" (it has {', '.join(checkpoints)}: pass one of those)" if checkpoints else ""
     raise LMKitError(f"--model_name_or_path {spec}: no config.json, so not a model checkpoint folder{hint}")

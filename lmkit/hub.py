@@ -47,6 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # What an export may contain: an existing --export_dir holding anything else is not ours to clear.
 EXPORT_FILE = re.compile(r"^[\w.-]+\.(safetensors|json|py|md|png|txt|model|jinja)$")
 EXPORTS_ROOT = Path("exports")
+MERGED_DIR = "merged"  # where finetune --merge_lora writes the merged model, inside the adapter's folder
 EVAL_FILES = ("evaluation.json", "eval_results.json")  # lmkit's evaluate.py, then the Trainer's final eval
 
 
@@ -74,14 +75,8 @@ def check_model_dir(spec: str) -> Path | None:
         raise LMKitError(f"--model {spec}: a file, not a model folder")
     if not path.is_dir():
         raise LMKitError(f"--model {spec}: no such model folder")
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        merged = path / "merged"
-        hint = (
-            f"use {merged}, the merged model"
-            if (merged / "config.json").is_file()
-            else "merge it into its base first (finetune --merge_lora true)"
-        )
-        raise LMKitError(f"--model {spec}: holds a LoRA adapter, not a full model; {hint}")
+    if problem := lora_adapter_problem(path):
+        raise LMKitError(f"--model {spec}: {problem}")
     if not (path / "config.json").is_file():
         raise LMKitError(
             f"--model {spec}: no config.json, not a saved model folder (a training run writes one at the end)"
@@ -93,6 +88,19 @@ def check_model_dir(spec: str) -> Path | None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise LMKitError(f"--model {spec}: no tokenizer in the folder (expected tokenizer.json)")
     return path
+
+
+def lora_adapter_problem(path: Path) -> str | None:
+    """Why the folder ``path`` is no model to load when it holds only a LoRA adapter (a `--use_lora` run's output):
+    what to use instead, its merged model or a merge into the base. None for any other folder."""
+    if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return None
+    merged = path / MERGED_DIR
+    if (merged / "config.json").is_file():
+        return f"holds a LoRA adapter, not a full model; use {merged}, the merged model"
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    into = f"its base model ({base})" if base else "its base"
+    return f"holds a LoRA adapter, not a full model; merge it into {into} first (finetune --merge_lora true)"
 
 
 def load_config(spec: str, trust_remote_code: bool = False, flag: str = "--model") -> PretrainedConfig:

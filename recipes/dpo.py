@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, parse_args
+from lmkit.args import DataArguments, LMTrainingArguments, ModelArguments, fit_evaluation, nothing_held_out, parse_args
 from lmkit.data import load_tokenized_dataset, read_tokenized_manifest
 from lmkit.dpo import (
     PreferenceCollator,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     datasets = datasets["tokenized"] if tokenized else mix_preference_sources(datasets, data_args, args.seed)
 
     if "validation" not in datasets:
-        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
+        fit_evaluation(args, nothing_held_out(data_args))
     if ft_args.use_lora:
         model = apply_lora(
             model, ft_args, new_token_ids=new_ids, activation_checkpointing=args.activation_checkpointing

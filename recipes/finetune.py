@@ -32,6 +32,7 @@ from lmkit.args import (
     check_block_size,
     explicit_fields,
     fit_evaluation,
+    nothing_held_out,
     parse_args,
 )
 from lmkit.data import use_tokenized_dataset
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_eval = held_out_rows(datasets["validation"])
     if n_eval == 0:
         datasets["validation"] = None
-        fit_evaluation(args, f"--validation_split {data_args.validation_split} holds out no validation data")
+        fit_evaluation(args, nothing_held_out(data_args))
     default_sft_sampling(args, data_args, fmt, ft_args.packing)
     train_rows = "streamed" if data_args.streaming else f"{len(datasets['train']):,}"
     logger.info("model: %s; data: %s, %s train / %d eval rows", model_size(model), fmt, train_rows, n_eval)

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_args: DataArguments
     args: LMTrainingArguments
     model_args, data_args, args = parse_args(argv=argv, default_config=DEFAULT_CONFIG)
-    manifest = use_tokenized_dataset(data_args, explicit_fields(data_args))  # --block_size follows the dataset's
-    if manifest is not None:  # so do the tokenizer flags: the dataset was tokenized with them
-        follow_manifest(manifest, data_args.tokenized_dataset, data_args, ("tokenizer",), explicit_fields(data_args))
+    # --block_size, --tokenizer and --vocab_size follow a tokenized dataset's: it was made with them
+    manifest = use_tokenized_dataset(data_args, explicit_fields(data_args), ("block_size", "tokenizer"))
+    if manifest is not None:
         follow_manifest(
             manifest, data_args.tokenized_dataset, model_args, ("vocab_size",), explicit_fields(model_args)
         )

@@ -143,26 +143,34 @@ def test_the_data_a_recipe_command_line_names(tmp_path):
     assert command_line_data(["--max_steps", "30"]) == ["lmkit's bundled corpus (tinyshakespeare.txt)"]
 
 
+def _refusal(check, spec) -> str:
+    with pytest.raises(LMKitError) as raised:
+        check(str(spec))
+    return str(raised.value)
+
+
 def test_a_lora_output_or_a_file_given_as_model_says_what_it_is(tmp_path):
     """evaluate / generate / publish take full model folders: a LoRA run's output dir points to its merged model
     (or says to merge), and a file is named as one."""
     lora = tmp_path / "sft-lora"
     lora.mkdir()
     (lora / "adapter_config.json").write_text("{}")
-    with pytest.raises(LMKitError) as raised:
-        check_model_dir(str(lora))
-    assert str(raised.value) == (
-        f"--model {lora}: holds a LoRA adapter, not a full model; merge it into its base first (finetune "
-        "--merge_lora true)"
+    adapter = "holds a LoRA adapter, not a full model"
+    assert _refusal(check_model_dir, lora) == (
+        f"--model {lora}: {adapter}; merge it into its base first (finetune --merge_lora true)"
     )
     (lora / "merged").mkdir()
     (lora / "merged" / "config.json").write_text("{}")
-    with pytest.raises(LMKitError) as raised:
-        check_model_dir(str(lora))
-    assert (
-        str(raised.value)
-        == f"--model {lora}: holds a LoRA adapter, not a full model; use {lora / 'merged'}, the merged model"
+    assert _refusal(check_model_dir, lora) == f"--model {lora}: {adapter}; use {lora / 'merged'}, the merged model"
+    # finetune's starting point follows the same rule, and names the base the adapter records
+    (lora / "merged" / "config.json").unlink()
+    (lora / "adapter_config.json").write_text('{"base_model_name_or_path": "outputs/sft-full"}')
+    assert _refusal(resolve_starting_point, lora) == (
+        f"--model_name_or_path {lora}: {adapter}; merge it into its base model (outputs/sft-full) first (finetune "
+        "--merge_lora true)"
     )
     (tmp_path / "model.bin").write_bytes(b"x")
-    with pytest.raises(LMKitError, match=rf"^--model {tmp_path / 'model.bin'}: a file, not a model folder$"):
-        check_model_dir(str(tmp_path / "model.bin"))
+    assert (
+        _refusal(check_model_dir, tmp_path / "model.bin")
+        == f"--model {tmp_path / 'model.bin'}: a file, not a model folder"
+    )
